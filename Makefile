@@ -1,0 +1,26 @@
+# The two commands of the README. Both install what they need into the Python that runs them
+# (use a virtual environment: `python3 -m venv .venv && . .venv/bin/activate`).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: install install-test demo test test-fast plan-example duplicates
+
+install:
+	$(PYTHON) utils/ensure_torch.py
+	$(PIP) install -e .
+
+install-test:
+	$(PYTHON) utils/ensure_torch.py
+	$(PIP) install -e ".[test,plot]"
+
+# Trains a small Llama built from a config with and without minis and compares loss, memory and speed.
+demo: install
+	$(PYTHON) -m minis demo
+
+# Installs the test needs and runs the whole suite (CPU; GPU and multi-process tests say why they skip).
+test: install-test
+	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+test-fast:
+	$(PYTHON) -m pytest tests -m "not slow" $(PYTEST_ARGS)

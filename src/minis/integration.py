@@ -1,0 +1,189 @@
+"""Mini-sequence MST inside transformers' llama, qwen2, mistral and gemma2 modeling code.
+
+Two methods are replaced per family, nothing else: the MLP's `forward` (runs upstream's forward over sequence
+chunks) and the causal LM's `forward` (computes the training loss over token chunks instead of building full
+logits). Classes, module trees, parameter names and `state_dict` stay upstream's. Both replacements keep the
+upstream method and call it whenever minis does not apply, so `use_mini_sequence=False` is upstream exactly.
+
+The one thing the families differ in here is Gemma-2's `final_logit_softcapping`, read from the config.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from . import config as minis_config
+
+__all__ = ["FAMILIES", "Family", "patch_configuration_module", "patch_modeling_module", "unpatch_family"]
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    config_class: str
+    mlp_class: str
+    causal_lm_class: str
+
+    @property
+    def configuration_module(self) -> str:
+        return f"transformers.models.{self.model_type}.configuration_{self.model_type}"
+
+    @property
+    def modeling_module(self) -> str:
+        return f"transformers.models.{self.model_type}.modeling_{self.model_type}"
+
+
+FAMILIES: dict[str, Family] = {
+    family.model_type: family
+    for family in (
+        Family("llama", "LlamaConfig", "LlamaMLP", "LlamaForCausalLM"),
+        Family("qwen2", "Qwen2Config", "Qwen2MLP", "Qwen2ForCausalLM"),
+        Family("mistral", "MistralConfig", "MistralMLP", "MistralForCausalLM"),
+        Family("gemma2", "Gemma2Config", "Gemma2MLP", "Gemma2ForCausalLM"),
+    )
+}
+
+_UPSTREAM = "_minis_upstream"  # attribute of a replacement method that holds the upstream one
+
+
+def is_patched_method(method: Any) -> bool:
+    return hasattr(method, _UPSTREAM)
+
+
+def _mini_sequence_mlp_forward(upstream_forward):
+    from .ops import mini_sequence_mlp
+
+    @functools.wraps(upstream_forward)
+    def forward(self, x, *args, **kwargs):
+        config = self.config
+        if args or kwargs or not minis_config.use_mini_sequence(config) or getattr(x, "dim", lambda: 0)() < 2:
+            return upstream_forward(self, x, *args, **kwargs)
+        chunking = minis_config.mlp_chunking(config, x.shape[-2], x.device)
+        if chunking is None:
+            return upstream_forward(self, x)
+        return mini_sequence_mlp(functools.partial(upstream_forward, self), x, module=self, **chunking)
+
+    setattr(forward, _UPSTREAM, upstream_forward)
+    return forward
+
+
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+def _uses_default_causal_lm_loss(model) -> bool:
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    if "_loss_function" in model.__dict__:
+        return False
+    try:
+        return model.loss_function is LOSS_MAPPING["ForCausalLM"]
+    except Exception:
+        return False
+
+
+def _mini_sequence_causal_lm_forward(upstream_forward):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.utils import can_return_tuple
+
+    from .ops import chunked_causal_lm_loss
+
+    # `upstream_forward` is wrapped by `can_return_tuple`; binding arguments needs the signature beneath it.
+    signature = inspect.signature(inspect.unwrap(upstream_forward))
+    output_fields = set(CausalLMOutputWithPast.__dataclass_fields__)
+
+    @functools.wraps(upstream_forward)
+    def forward(self, *args, **kwargs):
+        config = self.config
+        if not (self.training and minis_config.use_mini_sequence_loss(config)):
+            return upstream_forward(self, *args, **kwargs)
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        labels = arguments.get("labels")
+        logits_to_keep = arguments.get("logits_to_keep", 0)
+        keeps_all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if labels is None or not keeps_all_logits or not _uses_default_causal_lm_loss(self):
+            return upstream_forward(self, *args, **kwargs)
+
+        model_kwargs = {
+            name: value
+            for name, value in arguments.items()
+            if name not in ("self", "labels", "logits_to_keep") and signature.parameters[name].kind
+            != inspect.Parameter.VAR_KEYWORD
+        }
+        for name, parameter in signature.parameters.items():
+            if parameter.kind == inspect.Parameter.VAR_KEYWORD:
+                model_kwargs.update(arguments.get(name, {}))
+        outputs = self.model(**model_kwargs)
+        hidden_states = outputs.last_hidden_state
+        loss_kwargs = {name: model_kwargs[name] for name in _LOSS_KWARGS if name in model_kwargs}
+        num_tokens = hidden_states.shape[0] * hidden_states.shape[1]
+        loss = chunked_causal_lm_loss(
+            hidden_states,
+            self.lm_head,
+            labels,
+            final_logit_softcapping=getattr(config, "final_logit_softcapping", None),
+            **loss_kwargs,
+            **minis_config.loss_chunking(config, num_tokens, hidden_states.device),
+        )
+        passed_on = {name: value for name, value in outputs.items() if name in output_fields}
+        passed_on.pop("last_hidden_state", None)
+        return CausalLMOutputWithPast(loss=loss, logits=None, **passed_on)
+
+    forward = can_return_tuple(forward)
+    setattr(forward, _UPSTREAM, upstream_forward)
+    return forward
+
+
+def patch_configuration_module(module) -> None:
+    """Gives the family's config class minis' attributes as class-level defaults.
+
+    Class attributes (not dataclass fields) make `hasattr(config, name)` true, which is what lets
+    `from_pretrained(..., use_mini_sequence=False)` and `AutoConfig.from_pretrained(..., **kwargs)` set them, while a
+    config that never set them saves no minis keys.
+    """
+    family = _family_of(module.__name__, "configuration")
+    config_class = getattr(module, family.config_class)
+    for name, default in minis_config.CONFIG_DEFAULTS.items():
+        if name not in config_class.__dict__:
+            setattr(config_class, name, default)
+
+
+def patch_modeling_module(module) -> None:
+    """Replaces the family's MLP and causal-LM `forward` with the mini-sequence ones (idempotent)."""
+    family = _family_of(module.__name__, "modeling")
+    patch_configuration_module(importlib.import_module(family.configuration_module))
+    mlp_class = getattr(module, family.mlp_class)
+    causal_lm_class = getattr(module, family.causal_lm_class)
+    if not is_patched_method(mlp_class.forward):
+        mlp_class.forward = _mini_sequence_mlp_forward(mlp_class.forward)
+    if not is_patched_method(causal_lm_class.forward):
+        causal_lm_class.forward = _mini_sequence_causal_lm_forward(causal_lm_class.forward)
+
+
+def unpatch_family(family: Family) -> None:
+    """Restores upstream's methods and removes the config defaults, for families already imported."""
+    import sys
+
+    modeling = sys.modules.get(family.modeling_module)
+    if modeling is not None:
+        for class_name in (family.mlp_class, family.causal_lm_class):
+            cls = getattr(modeling, class_name)
+            if is_patched_method(cls.__dict__.get("forward")):
+                cls.forward = getattr(cls.forward, _UPSTREAM)
+    configuration = sys.modules.get(family.configuration_module)
+    if configuration is not None:
+        config_class = getattr(configuration, family.config_class)
+        for name in minis_config.CONFIG_DEFAULTS:
+            if name in config_class.__dict__:
+                delattr(config_class, name)
+
+
+def _family_of(module_name: str, kind: str) -> Family:
+    model_type = module_name.rsplit(".", 2)[-2]
+    family = FAMILIES.get(model_type)
+    if family is None or not module_name.endswith(f".{kind}_{model_type}"):
+        raise ValueError(f"{module_name} is not a {kind} module of a minis family ({', '.join(FAMILIES)})")
+    return family

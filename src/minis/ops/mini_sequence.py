@@ -1,0 +1,221 @@
+"""Mini-sequence execution: run a module's function over chunks of the sequence, forward and backward.
+
+The forward runs each chunk without building an autograd graph and keeps only the input. The backward runs each
+chunk again with autograd on, gets that chunk's input and parameter gradients with `torch.autograd.grad`, and
+frees the chunk's graph before the next one; so the forward and the backward both hold one chunk's intermediates
+at a time, never the whole sequence's.
+
+Why parameter gradients are returned, not accumulated: the module's parameters are inputs of the autograd
+function, and the backward returns their gradient summed over all chunks. Autograd then accumulates each
+parameter's gradient once, as it would without chunking, so every gradient hook (DDP's reducer, FSDP2's
+reduce-scatter, ZeRO's partitioning, a user's `register_hook`) fires exactly once with the full gradient. During
+the recompute the module sees detached aliases of its parameters, so no hook on the real parameter ever sees a
+partial, per-chunk gradient.
+
+Why fp32 accumulation: summing per-chunk bf16 gradients in bf16 rounds once per chunk. The per-chunk gradients are
+summed in fp32 and rounded to the parameter's dtype once, which keeps the result within bf16 rounding of the
+unchunked gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .rng_replay import DropoutMask, DropoutReplay
+
+__all__ = ["chunk_bounds", "mini_sequence_apply"]
+
+ChunkFn = Callable[..., torch.Tensor]
+
+
+def chunk_bounds(seq_len: int, *, num_chunks: int | None = None, chunk_size: int | None = None) -> list[tuple[int, int]]:
+    """Token ranges of the chunks of a sequence.
+
+    Exactly one of `num_chunks` and `chunk_size` is given. With `num_chunks`, the ranges have near-equal sizes
+    (`torch.tensor_split`'s split) and their count is exactly `num_chunks`, even when that leaves some empty: ranks
+    that agreed on a count run the same number of chunks whatever their lengths. With `chunk_size`, every range
+    but the last holds `chunk_size` tokens.
+    """
+    if (num_chunks is None) == (chunk_size is None):
+        raise ValueError("chunk_bounds takes exactly one of num_chunks and chunk_size")
+    if num_chunks is not None:
+        if not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 1:
+            raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
+        edges = [(i * seq_len) // num_chunks for i in range(num_chunks + 1)]
+        return list(zip(edges[:-1], edges[1:]))
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return [(start, min(start + chunk_size, seq_len)) for start in range(0, max(seq_len, 1), chunk_size)]
+
+
+def _trainable_parameters(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """(owner, attribute name, parameter) for each distinct parameter of `module` that requires grad."""
+    found = []
+    seen = set()
+    for owner in module.modules():
+        for name, param in owner._parameters.items():
+            if param is None or not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            found.append((owner, name, param))
+    return found
+
+
+@contextlib.contextmanager
+def _parameters_swapped(
+    slots: Sequence[tuple[nn.Module, str, nn.Parameter]], aliases: Sequence[torch.Tensor]
+) -> Iterator[None]:
+    """Makes each owner module hold the alias instead of its parameter, restoring the very same objects after."""
+    originals = [owner._parameters[name] for owner, name, _ in slots]
+    try:
+        for (owner, name, _), alias in zip(slots, aliases):
+            owner._parameters[name] = alias
+        yield
+    finally:
+        for (owner, name, _), original in zip(slots, originals):
+            owner._parameters[name] = original
+
+
+class _ChunkedRun:
+    """Everything one chunked call needs again in its backward."""
+
+    def __init__(
+        self,
+        fn: ChunkFn,
+        module: nn.Module,
+        bounds: list[tuple[int, int]],
+        seq_dim: int,
+        reduce: str,
+        extras: Sequence[torch.Tensor],
+    ) -> None:
+        self.fn = fn
+        self.bounds = bounds
+        self.seq_dim = seq_dim
+        self.reduce = reduce
+        self.extras = extras
+        self.slots = _trainable_parameters(module)
+        self.dropout_masks: list[DropoutMask] = []
+        self.seq_len = bounds[-1][1] if bounds else 0
+
+    def chunk_inputs(self, x: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
+        return [t.narrow(self.seq_dim, start, stop - start) for t in (x, *self.extras)]
+
+    def run_chunk(self, chunk_inputs: list[torch.Tensor], start: int, stop: int, draw: bool) -> torch.Tensor:
+        with DropoutReplay(self.dropout_masks, self.seq_len, start, stop, draw=draw):
+            return self.fn(*chunk_inputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = [
+            self.run_chunk(self.chunk_inputs(x, start, stop), start, stop, draw=(index == 0))
+            for index, (start, stop) in enumerate(self.bounds)
+        ]
+        if self.reduce == "sum":
+            total = outputs[0]
+            for value in outputs[1:]:
+                total = total + value
+            return total
+        return torch.cat(outputs, dim=self.seq_dim)
+
+
+class _MiniSequenceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run: _ChunkedRun, autocast_state: dict, x: torch.Tensor, *params: torch.Tensor):
+        output = run.forward(x)
+        ctx.run = run
+        ctx.autocast_state = autocast_state
+        # Masks go through save_for_backward so that an enclosing non-reentrant checkpoint frees them too.
+        ctx.save_for_backward(x, *(mask.keep for mask in run.dropout_masks))
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        run: _ChunkedRun = ctx.run
+        x, *keeps = ctx.saved_tensors
+        for mask, keep in zip(run.dropout_masks, keeps):
+            mask.keep = keep
+        needs_x = ctx.needs_input_grad[2]
+        param_needs = ctx.needs_input_grad[3:]
+
+        grad_x = torch.zeros_like(x) if needs_x else None
+        accumulators: list[torch.Tensor | None] = [None] * len(run.slots)
+        device_type = x.device.type
+        with torch.enable_grad(), torch.autocast(device_type=device_type, **ctx.autocast_state):
+            for start, stop in run.bounds:
+                inputs = run.chunk_inputs(x, start, stop)
+                x_chunk = inputs[0].detach().requires_grad_(needs_x)
+                aliases = [param.detach().requires_grad_(needed) for (_, _, param), needed in zip(run.slots, param_needs)]
+                with _parameters_swapped(run.slots, aliases):
+                    output = run.run_chunk([x_chunk, *inputs[1:]], start, stop, draw=False)
+                wanted = ([x_chunk] if needs_x else []) + [a for a, needed in zip(aliases, param_needs) if needed]
+                if not wanted or not output.requires_grad:
+                    continue
+                chunk_grad = grad_output if run.reduce == "sum" else grad_output.narrow(run.seq_dim, start, stop - start)
+                grads = list(torch.autograd.grad(output, wanted, chunk_grad, allow_unused=True))
+                if needs_x:
+                    grad = grads.pop(0)
+                    if grad is not None:
+                        grad_x.narrow(run.seq_dim, start, stop - start).copy_(grad)
+                for index, needed in enumerate(param_needs):
+                    if not needed:
+                        continue
+                    grad = grads.pop(0)
+                    if grad is None:
+                        continue
+                    if accumulators[index] is None:
+                        accumulators[index] = grad.to(torch.float32) if grad.is_floating_point() else grad
+                    else:
+                        accumulators[index].add_(grad)
+                del output, grads
+        param_grads = [
+            None if acc is None else acc.to(param.dtype) for acc, (_, _, param) in zip(accumulators, run.slots)
+        ]
+        return (None, None, grad_x, *param_grads)
+
+
+def _autocast_state(device_type: str) -> dict:
+    if not torch.amp.is_autocast_available(device_type):
+        return {"enabled": False}
+    return {
+        "enabled": torch.is_autocast_enabled(device_type),
+        "dtype": torch.get_autocast_dtype(device_type),
+    }
+
+
+def mini_sequence_apply(
+    fn: ChunkFn,
+    x: torch.Tensor,
+    *,
+    module: nn.Module,
+    bounds: list[tuple[int, int]],
+    seq_dim: int,
+    reduce: str = "cat",
+    extras: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
+    """Applies `fn` to chunks of `x` along `seq_dim`, holding one chunk's intermediates at a time.
+
+    Args:
+        fn: the per-chunk computation, called as `fn(x_chunk, *extra_chunks)`. It may use `module`'s parameters and
+            call its submodules (PEFT adapters, dropout); it must treat tokens independently.
+        x: the input, chunked along `seq_dim`.
+        module: the module whose parameters `fn` uses. Their gradients come out of this function's backward.
+        bounds: the chunks' token ranges (see `chunk_bounds`), covering `x.shape[seq_dim]`.
+        seq_dim: the sequence axis of `x` and of every tensor in `extras`.
+        reduce: "cat" concatenates the chunk outputs along `seq_dim` (an MLP); "sum" adds them (a loss).
+        extras: tensors chunked alongside `x` and passed to `fn` (e.g. labels); they get no gradient.
+
+    Returns:
+        What `fn(x, *extras)` returns, up to floating-point summation order for "sum".
+    """
+    if reduce not in ("cat", "sum"):
+        raise ValueError(f"reduce must be 'cat' or 'sum', got {reduce!r}")
+    if not bounds or bounds[0][0] != 0 or bounds[-1][1] != x.shape[seq_dim]:
+        raise ValueError(f"chunk bounds {bounds} do not cover the {x.shape[seq_dim]} tokens of the input")
+    run = _ChunkedRun(fn, module, bounds, seq_dim, reduce, extras)
+    params = [param for _, _, param in run.slots]
+    if not torch.is_grad_enabled() or not (x.requires_grad or params):
+        return run.forward(x)
+    return _MiniSequenceFunction.apply(run, _autocast_state(x.device.type), x, *params)
