@@ -22,10 +22,14 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def transformers_version_problem() -> str | None:
-    """None when the installed transformers is supported, else a message naming its version and the range."""
+def installed_transformers_version() -> str | None:
     transformers = sys.modules.get("transformers")
-    version = getattr(transformers, "__version__", None)
+    return getattr(transformers, "__version__", None)
+
+
+def transformers_version_problem(version: str | None = None) -> str | None:
+    """None when `version` (default: the imported transformers') is supported, else a message naming it and the range."""
+    version = installed_transformers_version() if version is None else version
     if version is None:
         return "minis: transformers is not imported, so its version cannot be checked"
     try:

@@ -13,10 +13,13 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 from . import config as minis_config
+from ._hook import warn_once
+from .peft_compat import sequence_dependent_adapter
 
 __all__ = ["FAMILIES", "Family", "patch_configuration_module", "patch_modeling_module", "unpatch_family"]
 
@@ -25,6 +28,7 @@ __all__ = ["FAMILIES", "Family", "patch_configuration_module", "patch_modeling_m
 class Family:
     model_type: str
     config_class: str
+    pretrained_class: str
     mlp_class: str
     causal_lm_class: str
 
@@ -40,10 +44,10 @@ class Family:
 FAMILIES: dict[str, Family] = {
     family.model_type: family
     for family in (
-        Family("llama", "LlamaConfig", "LlamaMLP", "LlamaForCausalLM"),
-        Family("qwen2", "Qwen2Config", "Qwen2MLP", "Qwen2ForCausalLM"),
-        Family("mistral", "MistralConfig", "MistralMLP", "MistralForCausalLM"),
-        Family("gemma2", "Gemma2Config", "Gemma2MLP", "Gemma2ForCausalLM"),
+        Family("llama", "LlamaConfig", "LlamaPreTrainedModel", "LlamaMLP", "LlamaForCausalLM"),
+        Family("qwen2", "Qwen2Config", "Qwen2PreTrainedModel", "Qwen2MLP", "Qwen2ForCausalLM"),
+        Family("mistral", "MistralConfig", "MistralPreTrainedModel", "MistralMLP", "MistralForCausalLM"),
+        Family("gemma2", "Gemma2Config", "Gemma2PreTrainedModel", "Gemma2MLP", "Gemma2ForCausalLM"),
     )
 }
 
@@ -62,6 +66,8 @@ def _mini_sequence_mlp_forward(upstream_forward):
         config = self.config
         if args or kwargs or not minis_config.use_mini_sequence(config) or getattr(x, "dim", lambda: 0)() < 2:
             return upstream_forward(self, x, *args, **kwargs)
+        if _holds_sequence_dependent_adapter(self):
+            return upstream_forward(self, x)
         chunking = minis_config.mlp_chunking(config, x.shape[-2], x.device)
         if chunking is None:
             return upstream_forward(self, x)
@@ -69,6 +75,41 @@ def _mini_sequence_mlp_forward(upstream_forward):
 
     setattr(forward, _UPSTREAM, upstream_forward)
     return forward
+
+
+def _holds_sequence_dependent_adapter(module) -> bool:
+    """Whether `module` holds an adapter that chunking would change (aLoRA); warns once when it does."""
+    found = sequence_dependent_adapter(module)
+    if found is not None:
+        warn_once(
+            "sequence-dependent-adapter",
+            f"minis: {type(module).__name__} holds {found}, an adapter applied by position from the end of the whole "
+            "sequence; chunking would change where it applies, so minis runs the modules that hold such adapters "
+            "unchunked, as upstream does (no mini-sequence memory saving there).",
+        )
+        return True
+    return False
+
+
+def _trainer_wants_outputs() -> bool:
+    """Whether transformers' `Trainer.compute_loss` up the call stack was asked to return the model outputs.
+
+    `Trainer.compute_loss(..., return_outputs=True)` hands its caller the outputs, logits included. Older TRL
+    SFTTrainers (before its fused LM head) do so in training and compute token accuracy and entropy from
+    `outputs.logits`; a loss-only forward would leave them `None`. The Trainer module is only looked up, never
+    imported: without it there is no such caller.
+    """
+    trainer_module = sys.modules.get("transformers.trainer")
+    trainer_class = getattr(trainer_module, "Trainer", None)
+    if trainer_class is None:
+        return False
+    code = trainer_class.compute_loss.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return bool(frame.f_locals.get("return_outputs", False))
+        frame = frame.f_back
+    return False
 
 
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
@@ -106,6 +147,17 @@ def _mini_sequence_causal_lm_forward(upstream_forward):
         keeps_all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
         if labels is None or not keeps_all_logits or not _uses_default_causal_lm_loss(self):
             return upstream_forward(self, *args, **kwargs)
+        if _holds_sequence_dependent_adapter(self.lm_head):
+            return upstream_forward(self, *args, **kwargs)
+        if _trainer_wants_outputs():
+            # The caller reads the outputs, so they keep upstream's logits; the MLPs stay chunked.
+            warn_once(
+                "trainer-return-outputs",
+                "minis: Trainer.compute_loss(return_outputs=True) in training (older TRL SFTTrainer does this for "
+                "token accuracy): the LM-head loss runs unchunked so the outputs carry logits; the MLPs stay "
+                "mini-sequence. TRL >= 1.x with its fused LM head keeps both savings.",
+            )
+            return upstream_forward(self, *args, **kwargs)
 
         model_kwargs = {
             name: value
@@ -137,6 +189,32 @@ def _mini_sequence_causal_lm_forward(upstream_forward):
     return forward
 
 
+def _from_config_with_minis_kwargs():
+    """`from_config(config, use_mini_sequence=..., ...)`: minis' keyword arguments go to (a copy of) the config.
+
+    Upstream hands unknown keyword arguments of `from_config` to the model's `__init__`, which rejects them.
+    """
+    import copy
+
+    def _from_config(cls, config, **kwargs):
+        settings = {name: kwargs.pop(name) for name in minis_config.CONFIG_DEFAULTS if name in kwargs}
+        if settings:
+            config = copy.deepcopy(config)
+            for name, value in settings.items():
+                setattr(config, name, value)
+        return super(_owner(cls), cls)._from_config(config, **kwargs)
+
+    return _from_config
+
+
+def _owner(cls):
+    """The class in `cls`'s MRO that holds minis' `_from_config`."""
+    for klass in cls.__mro__:
+        if is_patched_method(klass.__dict__.get("_from_config")):
+            return klass
+    raise RuntimeError(f"{cls.__name__} has no minis _from_config")
+
+
 def patch_configuration_module(module) -> None:
     """Gives the family's config class minis' attributes as class-level defaults.
 
@@ -161,6 +239,11 @@ def patch_modeling_module(module) -> None:
         mlp_class.forward = _mini_sequence_mlp_forward(mlp_class.forward)
     if not is_patched_method(causal_lm_class.forward):
         causal_lm_class.forward = _mini_sequence_causal_lm_forward(causal_lm_class.forward)
+    pretrained_class = getattr(module, family.pretrained_class)
+    if "_from_config" not in pretrained_class.__dict__:
+        from_config = classmethod(_from_config_with_minis_kwargs())
+        setattr(from_config, _UPSTREAM, None)
+        pretrained_class._from_config = from_config
 
 
 def unpatch_family(family: Family) -> None:
@@ -173,6 +256,9 @@ def unpatch_family(family: Family) -> None:
             cls = getattr(modeling, class_name)
             if is_patched_method(cls.__dict__.get("forward")):
                 cls.forward = getattr(cls.forward, _UPSTREAM)
+        pretrained_class = getattr(modeling, family.pretrained_class)
+        if is_patched_method(pretrained_class.__dict__.get("_from_config")):
+            del pretrained_class._from_config
     configuration = sys.modules.get(family.configuration_module)
     if configuration is not None:
         config_class = getattr(configuration, family.config_class)

@@ -1,0 +1,373 @@
+"""Measuring the memory of a PyTorch program: live tensor storages, and the allocator's own peak.
+
+Two instruments that agree on real CPU workloads (tests/test_memory.py checks it):
+
+- `LiveStorageTracker`, a `TorchDispatchMode` that counts the bytes of every tensor storage created while it is
+  active, once per storage, until the storage's last tensor dies. It works with real tensors and under
+  `FakeTensorMode` (fake tensors have storages with sizes but no memory), which is what lets `minis plan` predict the
+  peak of an 8B-parameter model at 128K tokens on a laptop.
+- `allocator_peak_bytes(fn)`: what the allocator itself saw while `fn` ran (the torch profiler's allocation events
+  on CPU, `torch.cuda.max_memory_allocated` on a GPU). Ground truth for real tensors.
+
+`measure_training_step_peak` runs one forward/backward(/optimizer) step of a Hugging Face causal LM under the tracker
+and returns the peak, including the parameters and the batch.
+
+What the tracker does not see: memory that kernels allocate internally without making a tensor (workspaces, cuBLAS
+and cuDNN buffers), the CUDA caching allocator's rounding (to 512 bytes) and fragmentation, and the CUDA context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = [
+    "LiveStorageTracker",
+    "StorageRecord",
+    "allocator_peak_bytes",
+    "measure_training_step_peak",
+]
+
+
+@dataclass
+class StorageRecord:
+    """One storage's life in a tracker: its size, label and the event indices of its allocation and free."""
+
+    nbytes: int
+    label: str
+    allocated_at: int
+    freed_at: int | None = None  # None while alive
+
+    def alive_at(self, event: int) -> bool:
+        return self.allocated_at <= event and (self.freed_at is None or self.freed_at > event)
+
+
+def _storage_of(tensor: torch.Tensor) -> torch.UntypedStorage | None:
+    try:
+        return tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # e.g. sparse or nested tensors have no single storage
+        return None
+
+
+def _tensors_in(obj) -> Iterator[torch.Tensor]:
+    """The tensors of a tensor, a module (parameters, their gradients, buffers), a mapping or an iterable of those."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, nn.Module):
+        for param in obj.parameters():
+            yield param
+            if param.grad is not None:
+                yield param.grad
+        yield from obj.buffers()
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            yield from _tensors_in(value)
+    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
+        for value in obj:
+            yield from _tensors_in(value)
+
+
+class LiveStorageTracker(TorchDispatchMode):
+    """Counts the bytes of live tensor storages created while the mode is active; records the peak.
+
+    Each storage is counted once, however many tensors (views) share it, by the identity of its storage object,
+    which real and fake tensors both have. A weakref finalizer on the storage subtracts it when its last tensor
+    dies (PyTorch keeps a storage's Python object alive exactly as long as the storage itself). Storages that
+    existed before the mode was entered (parameters, inputs) are invisible until `register`ed.
+
+    Every allocation and free is an *event* with an index; each storage keeps a `StorageRecord`, so what was alive
+    at the peak can be broken down after the fact by label (`breakdown_at_peak`), also after `relabel`.
+
+    Use it inside `FakeTensorMode` (enter the fake mode first): the innermost mode sees each op first.
+
+    Example:
+        >>> tracker = LiveStorageTracker()
+        >>> tracker.register(model, "parameters")
+        >>> with tracker:
+        ...     with tracker.label("activations"):
+        ...         loss = model(**batch).loss
+        ...     with tracker.label("backward"):
+        ...         loss.backward()
+        >>> tracker.peak_bytes, tracker.breakdown_at_peak()
+    """
+
+    def __init__(self, default_label: str = "other") -> None:
+        super().__init__()
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self.peak_event = 0
+        self.events = 0
+        self.records: list[StorageRecord] = []
+        self._live: dict[int, StorageRecord] = {}  # storage key -> record of the live storage
+        self._label = default_label
+        self._peak_callbacks: list[Callable[[], None]] = []
+
+    # --- labels ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def label(self, name: str) -> Iterator[None]:
+        """Storages allocated inside the block get label `name`."""
+        previous, self._label = self._label, name
+        try:
+            yield
+        finally:
+            self._label = previous
+
+    @property
+    def current_label(self) -> str:
+        return self._label
+
+    def relabel(self, tensors, label: str) -> None:
+        """Gives the (tracked) storages of `tensors` the label `label`, also in past breakdowns."""
+        for tensor in _tensors_in(tensors):
+            storage = _storage_of(tensor)
+            record = None if storage is None else self._live.get(storage._cdata)
+            if record is not None:
+                record.label = label
+
+    # --- counting -------------------------------------------------------------------------------------------
+    def register(self, tensors, label: str) -> int:
+        """Counts storages that already exist (tensors, a module's parameters/grads/buffers, containers of them).
+
+        Returns the bytes newly counted (storages already tracked are not counted again).
+        """
+        added = 0
+        for tensor in _tensors_in(tensors):
+            added += self._track(tensor, label)
+        return added
+
+    def _track(self, tensor: torch.Tensor, label: str) -> int:
+        storage = _storage_of(tensor)
+        if storage is None:
+            return 0
+        key = storage._cdata
+        nbytes = storage.nbytes()
+        record = self._live.get(key)
+        if record is not None:
+            if record.nbytes == nbytes:
+                return 0
+            # Resized in place (resize_, set_): count it as a free of the old size and a new allocation.
+            self._free(key)
+        record = StorageRecord(nbytes=nbytes, label=label, allocated_at=self.events)
+        self._live[key] = record
+        self.records.append(record)
+        self.current_bytes += nbytes
+        self.events += 1
+        if self.current_bytes > self.peak_bytes:
+            self.peak_bytes = self.current_bytes
+            self.peak_event = record.allocated_at
+            for callback in self._peak_callbacks:
+                callback()
+        weakref.finalize(storage, self._free, key, record)
+        return nbytes
+
+    def _free(self, key: int, record: StorageRecord | None = None) -> None:
+        live = self._live.get(key)
+        if live is None or (record is not None and live is not record):
+            return  # already closed (resized), or the key now names a newer storage
+        del self._live[key]
+        live.freed_at = self.events
+        self.events += 1
+        self.current_bytes -= live.nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outputs, _ = tree_flatten(out)
+        if any(isinstance(t, torch.Tensor) for t in outputs):
+            # An output sharing an input's storage (a view, an in-place op) is no new allocation, even when the
+            # input's storage was never registered.
+            inputs, _ = tree_flatten((args, kwargs))
+            input_keys = set()
+            for t in inputs:
+                if isinstance(t, torch.Tensor):
+                    storage = _storage_of(t)
+                    if storage is not None:
+                        input_keys.add(storage._cdata)
+            for t in outputs:
+                if isinstance(t, torch.Tensor):
+                    storage = _storage_of(t)
+                    if storage is None:
+                        continue
+                    if storage._cdata in input_keys and storage._cdata not in self._live:
+                        continue
+                    self._track(t, self._label)
+        return out
+
+    # --- reading --------------------------------------------------------------------------------------------
+    def on_new_peak(self, callback: Callable[[], None]) -> None:
+        """Calls `callback()` whenever the peak grows (e.g. to note the program's phase at the peak)."""
+        self._peak_callbacks.append(callback)
+
+    def live_records(self, event: int | None = None) -> list[StorageRecord]:
+        """Records of the storages alive at `event` (default: the peak)."""
+        event = self.peak_event if event is None else event
+        return [record for record in self.records if record.alive_at(event)]
+
+    def breakdown_at_peak(self) -> dict[str, int]:
+        """Bytes alive at the peak per label (labels as they are now, so `relabel` after the fact counts)."""
+        totals: dict[str, int] = {}
+        for record in self.live_records():
+            totals[record.label] = totals.get(record.label, 0) + record.nbytes
+        return totals
+
+    def current_breakdown(self) -> dict[str, int]:
+        """Bytes alive now per label."""
+        totals: dict[str, int] = {}
+        for record in self._live.values():
+            totals[record.label] = totals.get(record.label, 0) + record.nbytes
+        return totals
+
+    def reset_peak(self) -> None:
+        """Makes the current bytes the peak (like `torch.cuda.reset_peak_memory_stats`)."""
+        self.peak_bytes = self.current_bytes
+        self.peak_event = max(self.events - 1, 0)
+
+
+def allocator_peak_bytes(fn: Callable[[], object], device: torch.device | str | None = None) -> int:
+    """The allocator-measured peak of running `fn()`, in bytes above what was allocated when it started.
+
+    On CUDA (`device` a CUDA device, or None while CUDA is available) it is `torch.cuda.max_memory_allocated` after a
+    reset; on CPU, the running sum of the allocation and free events the torch profiler records
+    (`profile_memory=True`), maximized. What `fn` returns is dropped before the measurement ends.
+    """
+    device = torch.device(device) if device is not None else None
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocations = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
+    allocations.sort(key=lambda item: item[0])
+    running = peak = 0
+    for _, size in allocations:
+        running += size
+        peak = max(peak, running)
+    return peak
+
+
+def _fake_copy(model: nn.Module, fake_mode) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
+    """Swaps every parameter and buffer of `model` for a fake tensor of `fake_mode`; returns the originals."""
+    originals: dict[tuple[nn.Module, str, str], torch.Tensor] = {}
+    memo: dict[int, torch.Tensor] = {}  # tied weights stay tied
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            slots = getattr(module, kind)
+            for name, tensor in list(slots.items()):
+                if tensor is None:
+                    continue
+                originals[(module, kind, name)] = tensor
+                if id(tensor) not in memo:
+                    fake = fake_mode.from_tensor(tensor)
+                    if isinstance(tensor, nn.Parameter):
+                        fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
+                    memo[id(tensor)] = fake
+                slots[name] = memo[id(tensor)]
+    return originals
+
+
+def measure_training_step_peak(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    fake: bool = False,
+    optimizer: torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    tracker: LiveStorageTracker | None = None,
+) -> int:
+    """Peak bytes of live tensors during one training step of `model` on `batch`, parameters and batch included.
+
+    The step is `loss = model(**batch).loss; loss.backward()`, then `optimizer.step(); optimizer.zero_grad()` when
+    an optimizer is given. Gradients already on the parameters are counted (they are live) and are left
+    accumulated by the step, as in a real step; pass a model without gradients for a clean measurement.
+
+    Args:
+        model: a module whose call on `batch` returns an object with `.loss` (a transformers causal LM with
+            `labels` in the batch).
+        batch: keyword arguments of the model call.
+        fake: run the step on fake copies of the parameters, buffers and batch (`FakeTensorMode`): no real memory,
+            no real compute, any size; `model` is restored unchanged afterwards. With `fake=True`, `optimizer` must
+            be None or a factory (it must be built on the fake parameters).
+        optimizer: an optimizer over the model's parameters, or a factory `f(params) -> optimizer` (called on the
+            trainable parameters before the step; the state it allocates on the first `step` is counted).
+        tracker: a tracker to use (read its `breakdown_at_peak()` afterwards); a new one by default. Labels:
+            "parameters", "inputs", "gradients" (parameter gradients), "activations" (forward), "backward"
+            (backward temporaries and activation gradients), "optimizer".
+
+    Returns:
+        The tracker's `peak_bytes`.
+    """
+    tracker = tracker if tracker is not None else LiveStorageTracker()
+    if not fake:
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
+        _run_step(model, dict(batch), optimizer, tracker)
+        return tracker.peak_bytes
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError("measure_training_step_peak(fake=True) needs an optimizer factory, not an optimizer: "
+                         "the optimizer must be built on the fake parameters")
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    originals = _fake_copy(model, fake_mode)
+    try:
+        fake_batch = {k: fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with fake_mode:
+            built = None
+            if optimizer is not None:
+                built = optimizer([p for p in model.parameters() if p.requires_grad])
+            _run_step(model, fake_batch, built, tracker)
+    finally:
+        for (module, kind, name), tensor in originals.items():
+            getattr(module, kind)[name] = tensor
+    return tracker.peak_bytes
+
+
+def _run_step(model: nn.Module, batch: dict, optimizer, tracker: LiveStorageTracker) -> None:
+    tracker.register(model, "parameters")
+    tracker.register(batch, "inputs")
+    for param in model.parameters():
+        if param.grad is not None:
+            tracker.relabel(param.grad, "gradients")
+    # Gradients become `.grad` in AccumulateGrad; the hook labels each as it lands.
+    handles = [
+        param.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients"))
+        for param in model.parameters()
+        if param.requires_grad
+    ]
+    try:
+        with tracker:
+            with tracker.label("activations"):
+                loss = model(**batch).loss
+            with tracker.label("backward"):
+                loss.backward()
+            del loss
+            if optimizer is not None:
+                with tracker.label("optimizer"):
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,238 @@
+"""Every family: loss, logits and every parameter gradient equal with minis on and off (same model, same weights)."""
+
+import pytest
+import torch
+
+import minis
+from minis.testing import FAMILY_NAMES, tiny_model
+
+SEQ = 50
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def make_model(family, dtype=torch.float32, **overrides):
+    overrides.setdefault("attn_implementation", "eager" if family == "gemma2" else "sdpa")  # gemma2 softcaps scores
+    overrides.setdefault("mini_sequence_chunk_size", 7)  # does not divide SEQ
+    overrides.setdefault("mini_sequence_loss_chunk_size", 11)
+    return tiny_model(family, dtype=dtype, **overrides).train()
+
+
+def training_step(model, minis_on, **batch):
+    model.config.use_mini_sequence = minis_on
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def assert_same_step(model, tolerance=1e-5, **batch):
+    upstream, upstream_grads = training_step(model, False, **batch)
+    chunked, chunked_grads = training_step(model, True, **batch)
+    assert upstream.logits is not None
+    assert chunked.logits is None, "training with labels returns no logits under minis"
+    assert relative_error(chunked.loss, upstream.loss) < tolerance
+    assert chunked_grads.keys() == upstream_grads.keys()
+    for name, grad in upstream_grads.items():
+        assert relative_error(chunked_grads[name], grad) < tolerance, name
+    return upstream, chunked
+
+
+def random_batch(batch_size=2, seq=SEQ, vocab=257, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (batch_size, seq), generator=generator)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_training_step_matches_upstream(family):
+    model = make_model(family)
+    assert minis.is_active(model)
+    assert_same_step(model, **random_batch())
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_automatic_chunk_sizes(family):
+    model = make_model(family, mini_sequence_chunk_size=None, mini_sequence_loss_chunk_size=None)
+    assert_same_step(model, **random_batch(batch_size=1))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_padding_with_attention_mask(family, padding_side):
+    model = make_model(family)
+    batch = random_batch(batch_size=3)
+    attention_mask = torch.ones_like(batch["input_ids"])
+    pad = slice(SEQ - 13, SEQ) if padding_side == "right" else slice(0, 13)
+    attention_mask[1, pad] = 0
+    batch["input_ids"][1, pad] = 0
+    batch["labels"][1, pad] = -100
+    assert_same_step(model, attention_mask=attention_mask, **batch)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_packed_sequences_through_position_ids(family):
+    model = make_model(family)
+    batch = random_batch(batch_size=1)
+    position_ids = torch.cat([torch.arange(20), torch.arange(18), torch.arange(12)]).unsqueeze(0)
+    batch["labels"][0, [0, 20, 38]] = -100
+    assert_same_step(model, position_ids=position_ids, **batch)
+
+
+def test_a_chunk_whose_labels_are_all_ignored():
+    model = make_model("mistral", mini_sequence_loss_chunk_size=10)
+    batch = random_batch(batch_size=1)
+    batch["labels"][0, 10:30] = -100  # loss chunks 2 and 3 count nothing
+    assert_same_step(model, **batch)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_num_items_in_batch_and_shift_labels(family):
+    model = make_model(family)
+    batch = random_batch()
+    assert_same_step(model, num_items_in_batch=torch.tensor(173), **batch)
+    shifted = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[..., 1:].contiguous()
+    shifted[0, 5:9] = -100
+    assert_same_step(model, input_ids=batch["input_ids"], labels=batch["labels"], shift_labels=shifted)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_and_untied_embeddings(tied):
+    model = make_model("llama", tie_word_embeddings=tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert_same_step(model, **random_batch())
+
+
+def test_gemma2_softcapping_is_applied():
+    model = make_model("gemma2", final_logit_softcapping=0.5)  # a cap this low changes the loss a lot
+    upstream, chunked = assert_same_step(model, **random_batch())
+    assert upstream.logits.abs().max() <= 0.5
+    model.config.final_logit_softcapping = None
+    uncapped, _ = training_step(model, True, **random_batch())
+    assert abs(uncapped.loss.item() - chunked.loss.item()) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing(family, use_reentrant):
+    model = make_model(family)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if use_reentrant:
+        model.enable_input_require_grads()
+    assert_same_step(model, **random_batch())
+
+
+def test_attention_dropout_random_stream_is_unchanged():
+    """minis draws no random numbers of its own, so attention dropout sees the same generator state."""
+    model = make_model("llama", attention_dropout=0.2, attn_implementation="eager")
+    batch = random_batch()
+    model.config.use_mini_sequence = False
+    torch.manual_seed(7)
+    upstream = model(**batch).loss
+    model.config.use_mini_sequence = True
+    torch.manual_seed(7)
+    chunked = model(**batch).loss
+    assert relative_error(chunked, upstream) < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_bf16_training_step_within_bf16_tolerance(family):
+    reference = make_model(family)
+    model = make_model(family, dtype=torch.bfloat16, mini_sequence_chunk_size=3, mini_sequence_loss_chunk_size=4)
+    batch = random_batch()
+    exact, exact_grads = training_step(reference, False, **batch)
+    upstream, upstream_grads = training_step(model, False, **batch)
+    chunked, chunked_grads = training_step(model, True, **batch)
+    assert abs(chunked.loss.item() - upstream.loss.item()) < 2e-2 * abs(upstream.loss.item())
+    for name, grad in exact_grads.items():
+        assert chunked_grads[name].dtype == torch.bfloat16
+        upstream_error = relative_error(upstream_grads[name], grad)
+        chunked_error = relative_error(chunked_grads[name], grad)
+        assert chunked_error <= 2 * upstream_error + 1e-2, (name, chunked_error, upstream_error)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_eval_outputs_equal_upstream(family):
+    model = make_model(family, mini_sequence_chunk_size=4).eval()
+    batch = random_batch()
+    with torch.no_grad():
+        model.config.use_mini_sequence = False
+        upstream = model(**batch)
+        model.config.use_mini_sequence = True
+        chunked = model(**batch)
+        last = model(input_ids=batch["input_ids"], logits_to_keep=1)
+    assert chunked.logits.shape == upstream.logits.shape
+    assert relative_error(chunked.logits, upstream.logits) < 1e-5
+    assert relative_error(chunked.loss, upstream.loss) < 1e-5
+    assert last.logits.shape == (2, 1, model.config.vocab_size)
+    assert relative_error(last.logits[:, -1], upstream.logits[:, -1]) < 1e-5
+
+
+def test_training_without_labels_returns_full_logits():
+    model = make_model("qwen2")
+    batch = random_batch()
+    model.config.use_mini_sequence = False
+    upstream = model(input_ids=batch["input_ids"]).logits
+    model.config.use_mini_sequence = True
+    chunked = model(input_ids=batch["input_ids"]).logits
+    assert relative_error(chunked, upstream) < 1e-5
+
+
+def test_use_mini_sequence_loss_false_returns_logits_with_chunked_mlp():
+    model = make_model("llama", use_mini_sequence_loss=False)
+    calls = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+    out = model(**random_batch())
+    assert out.logits is not None and out.logits.shape == (2, SEQ, 257)
+    assert len(calls) == 8, "the MLP still runs in ceil(50 / 7) chunks"
+
+
+def test_custom_loss_function_keeps_upstream_path():
+    model = make_model("llama")
+    seen = {}
+
+    def my_loss(logits, labels, vocab_size, **kwargs):
+        seen["logits"] = logits
+        return logits.float().mean()
+
+    model.loss_function = my_loss
+    out = model(**random_batch())
+    assert seen["logits"].shape == (2, SEQ, 257)
+    assert out.logits is not None
+
+
+def test_return_dict_false_gives_a_tuple():
+    model = make_model("llama")
+    out = model(**random_batch(), return_dict=False)
+    assert isinstance(out, tuple) and out[0].dim() == 0
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_generate_gives_the_same_tokens(family):
+    model = make_model(family, mini_sequence_chunk_size=3).eval()
+    prompt = random_batch(batch_size=2, seq=20)["input_ids"]
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    model.config.use_mini_sequence = False
+    upstream = model.generate(prompt, **kwargs)
+    model.config.use_mini_sequence = True
+    chunked = model.generate(prompt, **kwargs)
+    assert torch.equal(chunked, upstream)
+
+
+def test_disable_restores_upstream_methods():
+    from transformers.models.llama import modeling_llama
+
+    patched = modeling_llama.LlamaForCausalLM.forward
+    minis.disable()
+    try:
+        assert modeling_llama.LlamaForCausalLM.forward is not patched
+        assert not hasattr(modeling_llama.LlamaForCausalLM.forward, "_minis_upstream")
+        model = tiny_model("llama").train()
+        assert not minis.is_active(model)
+        assert model(**random_batch()).logits is not None
+    finally:
+        minis.enable()
+    assert minis.is_active(tiny_model("llama"))
