@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install install-test demo test test-fast plan-example duplicates
+.PHONY: install install-test demo test test-compat test-fast
 
 install:
 	$(PYTHON) utils/ensure_torch.py
@@ -21,6 +21,14 @@ demo: install
 # Installs the test needs and runs the whole suite (CPU; GPU and multi-process tests say why they skip).
 test: install-test
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+# The core suite against another transformers release (default: 5.17, the oldest release tested) in its own venv.
+TRANSFORMERS_VERSION ?= 5.17.0
+test-compat:
+	$(PYTHON) -m venv .venv-compat
+	.venv-compat/bin/python utils/ensure_torch.py
+	.venv-compat/bin/python -m pip install -q "transformers==$(TRANSFORMERS_VERSION)" -e ".[test]"
+	.venv-compat/bin/python -m pytest tests/test_ops.py tests/test_models.py tests/test_activation.py $(PYTEST_ARGS)
 
 test-fast:
 	$(PYTHON) -m pytest tests -m "not slow" $(PYTEST_ARGS)
