@@ -1,0 +1,117 @@
+"""Helpers shared by the framework tests (Trainer, TRL, PEFT, LongLoRA script, distributed)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import socket
+
+import pytest
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER_VOCAB = 320  # byte-level BPE: 256 bytes, 3 special tokens and a few merges
+
+
+@functools.cache
+def tokenizer():
+    """A small byte-level BPE tokenizer trained on the shipped corpus (no hub access)."""
+    from minis.tokenizer import train_tokenizer
+
+    return train_tokenizer(TOKENIZER_VOCAB)
+
+
+def corpus_paragraphs(count: int, min_chars: int = 40) -> list[str]:
+    """The first `count` paragraphs of the shipped corpus that have at least `min_chars` characters."""
+    from minis.tokenizer import load_corpus_text
+
+    paragraphs = [p.strip() for p in load_corpus_text().split("\n\n") if len(p.strip()) >= min_chars]
+    return paragraphs[:count]
+
+
+def model(family: str = "llama", **overrides):
+    """A tiny model whose vocabulary fits `tokenizer()` (same weights for the same arguments)."""
+    from minis.testing import tiny_model
+
+    return tiny_model(family, seed=0, vocab_size=TOKENIZER_VOCAB, **overrides)
+
+
+def token_dataset(count: int, min_len: int, max_len: int, vocab_size: int = TOKENIZER_VOCAB, seed: int = 0):
+    """`count` examples of random tokens with lengths in [min_len, max_len] (labels = input_ids)."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(count):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=generator))
+        ids = torch.randint(3, vocab_size, (length,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": list(ids)})
+    return examples
+
+
+def pad_collator(features: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-pads a batch: pad id 2, attention mask 0 and label -100 on the padding."""
+    length = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), length), 2, dtype=torch.long)
+    labels = torch.full((len(features), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(features), length), dtype=torch.long)
+    for row, feature in enumerate(features):
+        n = len(feature["input_ids"])
+        input_ids[row, :n] = torch.tensor(feature["input_ids"])
+        labels[row, :n] = torch.tensor(feature["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+@contextlib.contextmanager
+def chunking_spy():
+    """Counts the chunked calls minis makes: {"mlp": MLP calls, "loss": LM-head loss calls}.
+
+    Both go through `mini_sequence_apply`, looked up in the modules that call it; wrapping it there counts exactly
+    the calls that chunk (the MLP and the loss return early, unchunked, when minis does not apply).
+    """
+    from minis.ops import lm_loss, mlp
+
+    counts = {"mlp": 0, "loss": 0}
+    originals = {"mlp": mlp.mini_sequence_apply, "loss": lm_loss.mini_sequence_apply}
+
+    def counting(kind):
+        def wrapper(*args, **kwargs):
+            counts[kind] += 1
+            return originals[kind](*args, **kwargs)
+
+        return wrapper
+
+    mlp.mini_sequence_apply = counting("mlp")
+    lm_loss.mini_sequence_apply = counting("loss")
+    try:
+        yield counts
+    finally:
+        mlp.mini_sequence_apply = originals["mlp"]
+        lm_loss.mini_sequence_apply = originals["loss"]
+
+
+def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest, over the tensors of two same-keyed dicts, of max|a - b| / max|b| (0 for equal dicts)."""
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    worst = 0.0
+    for key in a:
+        x, y = a[key].detach().float(), b[key].detach().float()
+        scale = y.abs().max().item() or 1.0
+        worst = max(worst, (x - y).abs().max().item() / scale)
+    return worst
+
+
+@pytest.fixture
+def single_thread():
+    """Runs a test with one intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine two
+    OpenMP threads per process spin against each other (tens of times slower per small op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
