@@ -12,7 +12,7 @@ install:
 
 install-test:
 	$(PYTHON) utils/ensure_torch.py
-	$(PIP) install -e ".[test,plot]"
+	$(PIP) install -e ".[test,plot,deepspeed]"
 
 # Trains a small Llama built from a config with and without minis and compares loss, memory and speed.
 demo: install

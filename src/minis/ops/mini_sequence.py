@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .rng_replay import DropoutMask, DropoutReplay
+from .zero3 import gather_until_accumulated, gathered_while_applied, is_zero3_parameter
 
 __all__ = ["chunk_bounds", "mini_sequence_apply"]
 
@@ -99,7 +100,7 @@ class _ChunkedRun:
         self.extras = extras
         self.slots = _trainable_parameters(module)
         # DeepSpeed ZeRO-3 partitions parameters (`ds_id` marks them) and gathers them in module hooks.
-        self.zero3 = any(hasattr(param, "ds_id") for _, _, param in self.slots)
+        self.zero3 = any(is_zero3_parameter(param) for _, _, param in self.slots)
         self.dropout_masks: list[DropoutMask] = []
         self.seq_len = bounds[-1][1] if bounds else 0
 
@@ -187,58 +188,8 @@ class _MiniSequenceFunction(torch.autograd.Function):
             None if acc is None else acc.to(param.dtype) for acc, (_, _, param) in zip(accumulators, run.slots)
         ]
         if run.zero3:
-            _gather_until_accumulated([p for grad, (_, _, p) in zip(param_grads, run.slots) if grad is not None])
+            gather_until_accumulated([p for grad, (_, _, p) in zip(param_grads, run.slots) if grad is not None])
         return (None, None, grad_x, *param_grads)
-
-
-def _partitioned(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The DeepSpeed ZeRO-3 parameters among `params` that are partitioned now (not gathered by anyone)."""
-    return [param for param in params if getattr(getattr(param, "ds_status", None), "name", None) == "NOT_AVAILABLE"]
-
-
-def _gathered_if_zero3(params: Sequence[torch.Tensor], zero3: bool):
-    """ZeRO-3: gathers the partitioned `params` while the autograd function is applied.
-
-    Autograd records each input's shape when the function is applied and checks the returned gradients against
-    it, so the parameters must have their full shape then, not ZeRO-3's empty partitioned one.
-    """
-    if not zero3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(_partitioned(params), modifier_rank=None)
-
-
-def _gather_until_accumulated(params: Sequence[torch.Tensor]) -> None:
-    """ZeRO-3: gathers the partitioned `params` now and partitions them again once their gradients are accumulated.
-
-    Autograd accumulates a returned gradient into a parameter of the full shape, but by the end of this backward
-    ZeRO-3's hooks have partitioned the parameters again. They stay gathered until their post-accumulate hooks have
-    run (ZeRO's own hook, registered first, reduces the gradient before ours partitions). A parameter that a module
-    has claimed meanwhile (a tied embedding) or that ZeRO keeps persistent is left to ZeRO.
-    """
-    zero_params = _partitioned(params)
-    if not zero_params:
-        return
-    zero_params[0].all_gather(param_list=zero_params)
-    pending = {id(param) for param in zero_params}
-    handles = []
-
-    def release(param: torch.Tensor) -> None:
-        pending.discard(id(param))
-        if pending:
-            return
-        for handle in handles:
-            handle.remove()
-        idle = [
-            p
-            for p in zero_params
-            if p.ds_status.name == "AVAILABLE" and not p.ds_active_sub_modules and not getattr(p, "ds_persist", False)
-        ]
-        if idle:
-            idle[0].partition(param_list=idle, has_been_updated=False)
-
-    handles.extend(param.register_post_accumulate_grad_hook(release) for param in zero_params)
 
 
 def _autocast_state(device_type: str) -> dict:
@@ -283,5 +234,5 @@ def mini_sequence_apply(
     params = [param for _, _, param in run.slots]
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         return run.forward(x)
-    with _gathered_if_zero3(params, run.zero3):
+    with gathered_while_applied(params, run.zero3):
         return _MiniSequenceFunction.apply(run, _autocast_state(x.device.type), x, *params)
