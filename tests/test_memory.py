@@ -92,6 +92,21 @@ def test_fake_step_equals_the_real_step_and_leaves_the_model_alone():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_fake_step_takes_the_real_runs_mask_decision():
+    # Fake tensors look like tracing to transformers, which would then build a seq x seq mask (and run SDPA with it);
+    # a real unpadded run builds none. The fake step must match the real one at a length where that shows.
+    model = tiny_model("llama", use_mini_sequence=False)
+    ids = torch.randint(0, 257, (1, 1024))
+    # No KV cache, as in training: with a cache transformers skips the packed-sequence check and the mask anyway.
+    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+    real = measure_training_step_peak(model, batch)
+    model.zero_grad(set_to_none=True)
+    tracker = LiveStorageTracker()
+    fake = measure_training_step_peak(model, batch, fake=True, tracker=tracker)
+    assert fake == real
+    assert not any("1024, 1024)" in record.description for record in tracker.records)
+
+
 def test_fake_step_with_an_optimizer_counts_its_state():
     model = tiny_model("llama")
     ids = torch.randint(0, 257, (1, 16))

@@ -44,6 +44,7 @@ class StorageRecord:
     label: str
     allocated_at: int
     freed_at: int | None = None  # None while alive
+    description: str = ""  # the op and the tensor that allocated it, e.g. "aten.mm (4096, 14336) torch.bfloat16"
 
     def alive_at(self, event: int) -> bool:
         return self.allocated_at <= event and (self.freed_at is None or self.freed_at > event)
@@ -139,10 +140,10 @@ class LiveStorageTracker(TorchDispatchMode):
         """
         added = 0
         for tensor in _tensors_in(tensors):
-            added += self._track(tensor, label)
+            added += self._track(tensor, label, "registered")
         return added
 
-    def _track(self, tensor: torch.Tensor, label: str) -> int:
+    def _track(self, tensor: torch.Tensor, label: str, op: str) -> int:
         storage = _storage_of(tensor)
         if storage is None:
             return 0
@@ -154,7 +155,8 @@ class LiveStorageTracker(TorchDispatchMode):
                 return 0
             # Resized in place (resize_, set_): count it as a free of the old size and a new allocation.
             self._free(key)
-        record = StorageRecord(nbytes=nbytes, label=label, allocated_at=self.events)
+        description = f"{op} {tuple(tensor.shape)} {tensor.dtype}"
+        record = StorageRecord(nbytes=nbytes, label=label, allocated_at=self.events, description=description)
         self._live[key] = record
         self.records.append(record)
         self.current_bytes += nbytes
@@ -197,7 +199,7 @@ class LiveStorageTracker(TorchDispatchMode):
                         continue
                     if storage._cdata in input_keys and storage._cdata not in self._live:
                         continue
-                    self._track(t, self._label)
+                    self._track(t, self._label, str(func))
         return out
 
     # --- reading --------------------------------------------------------------------------------------------
@@ -308,7 +310,10 @@ def measure_training_step_peak(
         batch: keyword arguments of the model call.
         fake: run the step on fake copies of the parameters, buffers and batch (`FakeTensorMode`): no real memory,
             no real compute, any size; `model` is restored unchanged afterwards. With `fake=True`, `optimizer` must
-            be None or a factory (it must be built on the fake parameters).
+            be None or a factory (it must be built on the fake parameters). transformers takes fake tensors for
+            tracing and would then build a seq x seq attention mask that a real unpadded run does not build; the
+            fake step answers its packed-sequence check as a real unpadded batch does (see `minis.planner`), so
+            `batch` must hold unpadded, unpacked sequences (no attention mask or an all-ones one, no position ids).
         optimizer: an optimizer over the model's parameters, or a factory `f(params) -> optimizer` (called on the
             trainable parameters before the step; the state it allocates on the first `step` is counted).
         tracker: a tracker to use (read its `breakdown_at_peak()` afterwards); a new one by default. Labels:
@@ -328,13 +333,15 @@ def measure_training_step_peak(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError("measure_training_step_peak(fake=True) needs an optimizer factory, not an optimizer: "
+        raise TypeError("measure_training_step_peak(fake=True) needs an optimizer factory, not an optimizer: "
                          "the optimizer must be built on the fake parameters")
+    from .planner import _real_run_decisions
+
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     originals = _fake_copy(model, fake_mode)
     try:
         fake_batch = {k: fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with fake_mode:
+        with fake_mode, _real_run_decisions("native"):
             built = None
             if optimizer is not None:
                 built = optimizer([p for p in model.parameters() if p.requires_grad])

@@ -1,0 +1,337 @@
+"""`minis plan`: predictions against the CPU allocator, extrapolation, no seq^2 term, max-seq search, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from minis.memory import LiveStorageTracker, allocator_peak_bytes
+from minis.planner import (
+    PlanError,
+    TrainingSetup,
+    _minis_patched,
+    _real_run_decisions,
+    _sim_config,
+    build_model,
+    find_max_seq,
+    main,
+    make_batch,
+    make_optimizer,
+    parse_memory_size,
+    plan,
+    predict_peak,
+    run_training_step,
+    simulate_step,
+)
+from minis.presets import PRESET_NAMES, load_preset
+from minis.testing import tiny_config
+
+GiB = 1 << 30
+
+
+def small_config(model_type="llama", layers=5, **overrides):
+    sizes = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": layers, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 1000}
+    if model_type == "gemma2":
+        sizes.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=64)
+    sizes.update(overrides)
+    return tiny_config(model_type, **sizes)
+
+
+def real_peak(config, seq_len, setup, mini_sequence):
+    """The CPU allocator's peak of the planner's training step on a real model, plus what existed before it."""
+    config = _sim_config(config, config.num_hidden_layers, mini_sequence)
+    with _minis_patched(config.model_type), _real_run_decisions("native"):
+        torch.manual_seed(0)
+        model = build_model(config, setup)
+        optimizer = make_optimizer(model, setup)
+        batch = make_batch(config, seq_len, setup.batch_size)
+        existing = [*model.parameters(), *model.buffers(), *(optimizer.state_tensors() if optimizer else []),
+                    *(v for v in batch.values() if isinstance(v, torch.Tensor))]
+        before = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in existing}.values())
+        return allocator_peak_bytes(lambda: run_training_step(model, batch, setup, LiveStorageTracker(), optimizer)) \
+            + before
+
+
+def close(a, b, rel):
+    return abs(a - b) <= rel * max(a, b)
+
+
+# --- prediction vs the allocator ------------------------------------------------------------------------------
+@pytest.mark.parametrize("mini_sequence", [False, True])
+@pytest.mark.parametrize("setup", [TrainingSetup(), TrainingSetup(method="lora", attn="eager")],
+                         ids=["full-sdpa", "lora-eager"])
+def test_prediction_within_5_percent_of_the_cpu_allocator(setup, mini_sequence):
+    config = small_config(layers=5)
+    predicted = predict_peak(config, 384, setup, mini_sequence=mini_sequence, attention_memory="native")
+    assert predicted.extrapolated and predicted.simulated_layers == (2, 3)
+    measured = real_peak(config, 384, setup, mini_sequence)
+    assert close(predicted.total, measured, 0.05), (predicted.total, measured)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mini_sequence", [False, True])
+@pytest.mark.parametrize(
+    "model_type,setup",
+    [
+        ("llama", TrainingSetup(grad_ckpt=True, dtype="fp32", attn="eager")),
+        ("llama", TrainingSetup(optimizer_in_backward=True, optimizer="adamw-bf16")),
+        ("llama", TrainingSetup(method="lora", grad_ckpt=True, optimizer_in_backward=True)),
+        ("qwen2", TrainingSetup(optimizer="none")),
+        ("gemma2", TrainingSetup(attn="eager")),
+        ("gemma2", TrainingSetup(attn="eager", method="lora", grad_ckpt=True)),
+    ],
+)
+def test_prediction_within_5_percent_of_the_cpu_allocator_more_setups(model_type, setup, mini_sequence):
+    config = small_config(model_type, layers=8 if model_type == "gemma2" else 5)
+    predicted = predict_peak(config, 256, setup, mini_sequence=mini_sequence, attention_memory="native")
+    assert predicted.extrapolated
+    measured = real_peak(config, 256, setup, mini_sequence)
+    assert close(predicted.total, measured, 0.05), (predicted.total, measured)
+
+
+# --- extrapolation --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "model_type,setup",
+    [
+        ("llama", TrainingSetup()),
+        ("llama", TrainingSetup(method="lora", grad_ckpt=True)),
+        ("gemma2", TrainingSetup(attn="flash", optimizer_in_backward=True)),
+    ],
+)
+def test_extrapolated_peak_equals_the_full_simulation(model_type, setup):
+    config = small_config(model_type, layers=12 if model_type == "gemma2" else 6)
+    for mini_sequence in (False, True):
+        extrapolated = predict_peak(config, 256, setup, mini_sequence=mini_sequence)
+        simulated = predict_peak(config, 256, setup, mini_sequence=mini_sequence, extrapolate=False)
+        assert extrapolated.extrapolated and not simulated.extrapolated
+        assert extrapolated.total == simulated.total
+        assert extrapolated.components == simulated.components
+        assert extrapolated.phase == simulated.phase
+
+
+# --- no seq^2 term with SDPA ----------------------------------------------------------------------------------
+def test_sdpa_prediction_has_no_seq_squared_term():
+    config = small_config(layers=5)
+    setup = TrainingSetup()
+    for mini_sequence in (False, True):
+        short, long = (predict_peak(config, n, setup, mini_sequence=mini_sequence) for n in (2048, 4096))
+        # A seq x seq mask or score matrix (2 bytes x seq^2 = 8 MiB per layer at 2048) would break the doubling.
+        assert long.components["activations"] == pytest.approx(2 * short.components["activations"], rel=0.01)
+        assert not short.seq_by_seq_tensors and not long.seq_by_seq_tensors
+    timeline = simulate_step(config, 1024, setup, mini_sequence=True, num_layers=2)
+    assert not any(", 1024, 1024)" in record.description for record in timeline.records)
+
+
+def test_sdpa_prediction_matches_the_real_run_at_two_lengths():
+    # A real unpadded SDPA run builds no seq x seq mask; the fake run must not either (transformers would, for fake
+    # tensors, without the planner's fixes), or the longer sequence would be far above the allocator's peak.
+    config = small_config(layers=5, vocab_size=256)
+    setup = TrainingSetup(optimizer="none")
+    for seq_len in (256, 1024):
+        predicted = predict_peak(config, seq_len, setup, mini_sequence=False, attention_memory="native")
+        measured = real_peak(config, seq_len, setup, False)
+        assert close(predicted.total, measured, 0.05), (seq_len, predicted.total, measured)
+
+
+def test_eager_attention_is_quadratic_and_flagged():
+    config = small_config(layers=5)
+    setup = TrainingSetup(attn="eager", optimizer="none")
+    short, long = (predict_peak(config, n, setup, mini_sequence=True) for n in (1024, 2048))
+    assert long.seq_by_seq_tensors
+    assert long.components["activations"] > 2.5 * short.components["activations"]
+
+
+# --- presets and what minis saves -----------------------------------------------------------------------------
+def test_llama_3_8b_at_128k_is_quick_and_minis_is_lower():
+    started = time.perf_counter()
+    setup = TrainingSetup(method="lora", grad_ckpt=True)
+    upstream = predict_peak("llama-3-8b", 131072, setup, mini_sequence=False)
+    minis = predict_peak("llama-3-8b", 131072, setup, mini_sequence=True)
+    assert time.perf_counter() - started < 120
+    assert upstream.extrapolated and upstream.simulated_layers == (2, 3) and upstream.num_layers == 32
+    assert minis.total < 0.5 * upstream.total
+    # Upstream's peak holds the full fp32 logits: 128K tokens x 128256 vocab x 4 bytes.
+    assert upstream.components["temporaries"] + upstream.components["activations"] > 131072 * 128256 * 4
+    assert 8.0e9 < minis.total_params < 8.1e9
+    assert sum(minis.components.values()) == minis.total
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_minis_predicts_a_lower_peak_for_every_preset(preset):
+    setup = TrainingSetup(attn="flash", method="lora")
+    upstream = predict_peak(preset, 8192, setup, mini_sequence=False)
+    minis = predict_peak(preset, 8192, setup, mini_sequence=True)
+    assert minis.total < upstream.total
+    assert minis.components["parameters"] == upstream.components["parameters"]
+
+
+# --- sharding attribution ---------------------------------------------------------------------------------------
+def test_sharding_divides_the_sharded_components():
+    config = small_config(layers=5)
+    base = predict_peak(config, 256, TrainingSetup(), mini_sequence=True)
+    zero1 = predict_peak(config, 256, TrainingSetup(zero_stage=1, world_size=8), mini_sequence=True)
+    zero3 = predict_peak(config, 256, TrainingSetup(zero_stage=3, world_size=8), mini_sequence=True)
+    fsdp = predict_peak(config, 256, TrainingSetup(fsdp=True, world_size=8), mini_sequence=True)
+    offload = predict_peak(config, 256, TrainingSetup(zero_stage=2, world_size=8, offload_optimizer=True),
+                           mini_sequence=True)
+    assert zero1.components["parameters"] == base.components["parameters"]
+    assert zero3.components["parameters"] == pytest.approx(base.components["parameters"] / 8, abs=1)
+    assert zero3.components["sharding_buffers"] > 0
+    assert fsdp.total == zero3.total
+    assert offload.components["optimizer_state"] == 0 and offload.cpu_offloaded_bytes > 0
+    assert base.total > zero1.total > zero3.total
+    # Activations are per rank.
+    assert zero3.components["activations"] == base.components["activations"]
+
+
+def test_optimizer_in_backward_holds_at_most_one_gradient():
+    config = small_config(layers=5)
+    largest = max(p.numel() for p in build_model(_sim_config(config, 5, True), TrainingSetup()).parameters()) * 2
+    estimate = predict_peak(config, 128, TrainingSetup(optimizer_in_backward=True), mini_sequence=True)
+    assert estimate.components["gradients"] <= largest
+
+
+# --- max-seq --------------------------------------------------------------------------------------------------
+def test_max_seq_is_the_longest_that_fits_and_minis_fits_longer():
+    config = small_config(layers=5, vocab_size=4000)
+    setup = TrainingSetup(optimizer="none")
+    budget = 48 << 20
+    cache = {}
+    results = {}
+    for flag in (False, True):
+        length, estimate = find_max_seq(config, budget, setup, mini_sequence=flag, granularity=128, cache=cache)
+        assert length > 0 and estimate.total <= budget and estimate.seq_len == length
+        after = cache.get((length + 128, flag)) or predict_peak(config, length + 128, setup, mini_sequence=flag)
+        assert after.total > budget
+        results[flag] = length
+    assert results[True] > results[False]
+    bigger, _ = find_max_seq(config, 2 * budget, setup, mini_sequence=False, granularity=128)
+    assert bigger > results[False]
+    nothing, estimate = find_max_seq(config, 1 << 20, setup, mini_sequence=False, granularity=128)
+    assert (nothing, estimate) == (0, None)
+
+
+def test_peak_grows_with_the_sequence():
+    config = small_config(layers=5)
+    totals = [predict_peak(config, n, TrainingSetup(), mini_sequence=True).total for n in (256, 512, 1024, 2048)]
+    assert totals == sorted(totals) and len(set(totals)) == 4
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+def write_config(tmp_path, config):
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json_string())
+    return str(path)
+
+
+def test_cli_json_output_parses(tmp_path, capsys):
+    path = write_config(tmp_path, small_config(layers=5))
+    code = main(["--model", path, "--seq", "512", "--max-seq", "--gpu-mem", "64MiB", "--granularity", "128", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["seq"]["seq_len"] == 512
+    assert report["seq"]["minis"]["total"] < report["seq"]["upstream"]["total"]
+    assert set(report["seq"]["minis"]["components"]) >= {"parameters", "gradients", "optimizer_state", "activations",
+                                                         "temporaries"}
+    assert report["max_seq"]["minis"]["max_seq"] >= report["max_seq"]["upstream"]["max_seq"] > 0
+    assert report["gpu_mem"] == 64 << 20
+
+
+def test_cli_table(tmp_path, capsys):
+    path = write_config(tmp_path, small_config(layers=5))
+    assert main(["--model", path, "--seq", "512", "--method", "lora", "--lora-rank", "8", "--grad-ckpt"]) == 0
+    out = capsys.readouterr().out
+    for words in ("upstream", "minis", "parameters", "optimizer state", "saved activations", "total peak",
+                  "LoRA r=8", "extrapolated"):
+        assert words in out
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--model", "llama-9", "--seq", "10"], ["'llama-9'", "llama-3-8b", "gemma-2-9b"]),
+        (["--model", "llama-3-8b", "--max-seq", "--gpu-mem", "-3GB"], ["'-3GB'", "positive"]),
+        (["--model", "llama-3-8b", "--max-seq", "--gpu-mem", "0"], ["'0'", "positive"]),
+        (["--model", "llama-3-8b", "--max-seq", "--gpu-mem", "lots"], ["'lots'", "GiB"]),
+        (["--model", "llama-3-8b", "--max-seq", "--gpu-mem", "80"], ["'80'", "unit"]),
+        (["--model", "llama-3-8b", "--max-seq", "--gpu-mem", "80XB"], ["'XB'", "GiB"]),
+        (["--model", "llama-3-8b", "--max-seq"], ["--gpu-mem"]),
+        (["--model", "llama-3-8b"], ["--seq", "--max-seq"]),
+        (["--model", "llama-3-8b", "--seq", "-5"], ["-5", "positive"]),
+        (["--model", "llama-3-8b", "--seq", "abc"], ["'abc'", "integer"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--zero-stage", "3", "--fsdp"], ["--fsdp", "--zero-stage 3"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--zero-stage", "5"], ["5", "0, 1, 2 or 3"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--optimizer-in-backward", "--optimizer", "none"],
+         ["--optimizer-in-backward", "none"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--world-size", "0"], ["--world-size", "0", "positive"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--method", "qlora"], ["'qlora'", "full, lora"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--attn", "flex"], ["'flex'", "sdpa, eager, flash"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--dtype", "fp16"], ["'fp16'", "bf16, fp32"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--optimizer", "sgd"], ["'sgd'", "adamw"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--lora-rank", "8"], ["--lora-rank", "--method lora"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--offload-optimizer"], ["--offload-optimizer", "--zero-stage"]),
+        (["--model", "gemma-2-9b", "--seq", "8"], ["sdpa", "gemma2", "eager or flash"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--bogus"], ["--bogus"]),
+    ],
+)
+def test_cli_bad_input_exits_2_naming_the_value(args, words, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minis plan: error: ")
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_cli_malformed_configs(tmp_path, capsys):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    other = tmp_path / "bert.json"
+    other.write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    for path, words in ((bad_json, ["not a valid config.json"]), (missing, ["intermediate_size", "positive integer"]),
+                        (other, ["'bert'", "llama, qwen2, mistral, gemma2"]), (listed, ["malformed", "list"]),
+                        (tmp_path / "nowhere.json", ["neither a preset", "llama-3-8b"])):
+        assert main(["--model", str(path), "--seq", "8"]) == 2
+        err = capsys.readouterr().err
+        for word in words:
+            assert word in err, (word, err)
+
+
+def test_python_dash_m_minis_plan_exit_codes():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for args, word in ((["--model", "nope", "--seq", "8"], "'nope'"),
+                       (["--model", "llama-3-8b", "--max-seq", "--gpu-mem", "-3GB"], "'-3GB'")):
+        result = subprocess.run([sys.executable, "-m", "minis", "plan", *args], capture_output=True, text=True,
+                                timeout=300, cwd=repo, check=False)
+        assert result.returncode == 2, result.stderr
+        assert word in result.stderr
+
+
+def test_parse_memory_size():
+    assert parse_memory_size("80GiB") == 80 * GiB
+    assert parse_memory_size("80G") == 80 * GiB
+    assert parse_memory_size("80GB") == 80 * 10**9
+    assert parse_memory_size("81920MiB") == 80 * GiB
+    assert parse_memory_size("1.5 TiB") == 3 * (1 << 39)
+    for bad in ("", "GiB", "-1GiB", "0GiB", "nan GiB", "1e3GB", "12 bananas", "100B"):
+        with pytest.raises(PlanError):
+            parse_memory_size(bad)
+
+
+def test_plan_api_and_presets():
+    report = plan("llama-3-8b", seq=4096, method="lora", attn="flash")
+    assert report["seq"]["ratio"] < 1
+    assert set(PRESET_NAMES) == {"llama-3-8b", "llama-2-7b", "qwen2-7b", "mistral-7b", "gemma-2-9b"}
+    assert load_preset("qwen2-7b")["hidden_size"] == 3584
+    with pytest.raises(ValueError, match="llama-3-8b"):
+        load_preset("llama-4")
+    with pytest.raises(PlanError, match="unknown planner option"):
+        plan("llama-3-8b", seq=8, colour="red")
