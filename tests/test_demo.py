@@ -24,19 +24,6 @@ def test_make_blocks_repeats_the_text_with_bos_and_eos():
     assert blocks.flatten().tolist() == [0, 5, 6, 7, 1, 0, 5, 6, 7, 1, 0, 5]
 
 
-def test_peak_allocated_bytes_follows_the_allocator():
-    from torch.profiler import ProfilerActivity, profile
-
-    mib = 1 << 20
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        a = torch.empty(25 * mib // 4)  # 25 MiB
-        b = torch.empty(10 * mib // 4)  # 35 MiB live: the peak
-        del a
-        c = torch.empty(20 * mib // 4)  # 30 MiB live
-        del b, c
-    assert demo._peak_allocated_bytes(prof) == 35 * mib
-
-
 def test_bad_arguments_return_2(capsys):
     assert demo.main(["--heads", "3"]) == 2  # 3 does not divide the hidden size 256
     assert "does not divide" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from minis.memory import LiveStorageTracker, allocator_peak_bytes, measure_training_step_peak
+from minis.memory import LiveStorageTracker, allocator_peak_bytes, measure_training_step_peak, profile_peak_bytes
 from minis.testing import tiny_model
 
 
@@ -132,3 +132,16 @@ def test_tracker_under_fake_tensor_mode_counts_without_memory():
         assert tracker.current_bytes == (1 << 33) + (1 << 21)  # y keeps x's storage alive
         del y, z
         assert tracker.current_bytes == 0
+
+
+def test_profile_peak_bytes_on_a_known_allocation_pattern():
+    from torch.profiler import ProfilerActivity, profile
+
+    mib = 1 << 20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        a = torch.empty(25 * mib // 4)  # 25 MiB
+        b = torch.empty(10 * mib // 4)  # 35 MiB live: the peak
+        del a
+        c = torch.empty(20 * mib // 4)  # 30 MiB live
+        del b, c
+    assert profile_peak_bytes(prof) == 35 * mib

@@ -366,30 +366,6 @@ def format_report(result: dict[str, Any]) -> str:
 # The child: one training run, in its own interpreter.
 
 
-def _peak_allocated_bytes(prof) -> int:
-    """Peak of the live CPU tensor memory allocated while `prof` ran, from the allocator's own events.
-
-    With `profile_memory=True`, PyTorch's CPU allocator reports every allocation (+bytes) and every free (-bytes)
-    to the profiler as a "[memory]" event. Ordered by time, their running sum is the memory held by tensors
-    allocated during profiling, at each instant; its maximum is the peak. Tensors that existed before the
-    profiler started are not in the sum (their frees are not reported either), so the child starts profiling
-    before it builds the model: the peak then covers weights, gradients, optimizer state and activations.
-    Allocator events see every tensor byte, unlike RSS, which also counts freed memory the C allocator keeps.
-    """
-    cpu = torch.autograd.DeviceType.CPU
-    events = []
-    for event in prof.profiler.kineto_results.events():
-        if event.name() == "[memory]" and event.device_type() == cpu:
-            start = event.start_ns() if hasattr(event, "start_ns") else event.start_us() * 1000
-            events.append((start, event.nbytes()))
-    events.sort(key=lambda item: item[0])  # stable: same-instant events keep their recorded order
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def _tensor_bytes(tensors) -> int:
     seen, total = set(), 0
     for tensor in tensors:
@@ -425,6 +401,7 @@ def run_child(spec_path: str) -> int:
     from transformers.trainer_callback import ProgressCallback
 
     import minis
+    from minis.memory import profile_peak_bytes
     from minis.testing import tiny_config
 
     blocks = torch.load(spec["data_path"], weights_only=True)
@@ -472,7 +449,7 @@ def run_child(spec_path: str) -> int:
         "step_seconds": recorder.step_seconds,
         "train_seconds": sum(recorder.step_seconds),
         "tokens_per_s": recorder.tokens_per_step * len(timed) / sum(timed) if sum(timed) > 0 else None,
-        "peak_bytes": _peak_allocated_bytes(prof),
+        "peak_bytes": profile_peak_bytes(prof),
         "state_bytes": state_bytes,
         "parameters": sum(param.numel() for param in model.parameters()),
         # Other processes on the machine slow the steps down; the report shows this so tokens/s can be judged.

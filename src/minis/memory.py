@@ -33,6 +33,7 @@ __all__ = [
     "StorageRecord",
     "allocator_peak_bytes",
     "measure_training_step_peak",
+    "profile_peak_bytes",
 ]
 
 
@@ -250,11 +251,22 @@ def allocator_peak_bytes(fn: Callable[[], object], device: torch.device | str | 
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
 
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    return profile_peak_bytes(prof)
+
+
+def profile_peak_bytes(prof) -> int:
+    """Peak of the CPU memory allocated while the finished `torch.profiler.profile(profile_memory=True)` ran.
+
+    The CPU allocator reports every allocation (+bytes) and free (-bytes) to the profiler; ordered by time, their
+    running sum is what tensors allocated during profiling hold at each instant. Tensors that existed before the
+    profiler started are not in the sum. Unlike RSS, this does not count freed memory the C allocator keeps.
+    """
+    from torch._C._profiler import _EventType
+
     allocations = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
