@@ -264,4 +264,6 @@ def test_accelerate_configs(name):
     }
     with open(os.path.join(SFT_DIR, script[name])) as handle:
         text = handle.read()
-    assert f"--config_file configs/{name}.yaml" in text and "train.py" in text
+    assert f"launch.sh\" configs/{name}.yaml " in text
+    with open(os.path.join(SFT_DIR, "launch.sh")) as handle:
+        assert '--config_file "$CONFIG_FILE"' in handle.read()
