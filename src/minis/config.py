@@ -24,7 +24,6 @@ __all__ = [
     "mlp_chunking",
     "use_mini_sequence",
     "use_mini_sequence_loss",
-    "validate_config",
 ]
 
 CONFIG_DEFAULTS: dict[str, Any] = {
@@ -51,14 +50,6 @@ def _read_chunk_size(config: Any, name: str) -> int | None:
             f"config.{name} must be a positive int (tokens per chunk) or None (automatic), got {value!r}"
         )
     return value
-
-
-def validate_config(config: Any) -> None:
-    """Raises ValueError naming the attribute and value when a minis attribute of `config` is invalid."""
-    _read_bool(config, "use_mini_sequence")
-    _read_bool(config, "use_mini_sequence_loss")
-    _read_chunk_size(config, "mini_sequence_chunk_size")
-    _read_chunk_size(config, "mini_sequence_loss_chunk_size")
 
 
 def use_mini_sequence(config: Any) -> bool:
