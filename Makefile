@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 install:
 	$(PYTHON) utils/ensure_torch.py
-	$(PIP) install -e .
+	$(PIP) install -e ".[demo]"
 
 install-test:
 	$(PYTHON) utils/ensure_torch.py

@@ -65,6 +65,7 @@ with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
 
 extras = {
     "test": ["pytest>=7", "tokenizers>=0.20", "accelerate>=1.0", "peft>=0.13", "trl>=0.20", "tqdm"],
+    "demo": ["accelerate>=1.1"],
     "plot": ["matplotlib>=3.7"],
     "flash": ["flash-attn>=2.6"],
     "deepspeed": ["deepspeed>=0.16"],

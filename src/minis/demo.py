@@ -139,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:  # argparse exits; the CLI wants a return code
         return int(exit_request.code or 0)
 
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        print("minis demo: HF Trainer needs accelerate, which is not installed; run "
+              "`pip install 'minis[demo]'` (or `pip install 'accelerate>=1.1'`)", file=sys.stderr)
+        return 2
+
     started = time.perf_counter()
     quiet = args.json  # progress goes to stderr so that stdout holds only the JSON
     keep_output = args.output_dir is not None
