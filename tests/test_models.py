@@ -236,3 +236,23 @@ def test_disable_restores_upstream_methods():
     finally:
         minis.enable()
     assert minis.is_active(tiny_model("llama"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_checkpointed_layers_run_the_mlp_forward_as_often_as_upstream(family):
+    """Non-reentrant checkpointing stops the layer's recompute once its saved tensors are back; minis saves the
+    MLP input ahead of the chunks, so the recompute skips them and the backward's own per-chunk recompute is the
+    MLP's second forward, as in upstream. Gemma-2 normalizes the MLP output, which saves it, so its recompute
+    must run the chunks: one extra chunked forward, and still the same gradients."""
+    model = make_model(family, mini_sequence_chunk_size=10)  # 5 chunks of SEQ = 50
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    model.model.layers[0].mlp.gate_proj.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+    upstream, _ = training_step(model, False, **random_batch())
+    upstream_calls = list(calls)
+    calls.clear()
+    training_step(model, True, **random_batch())
+    assert upstream_calls == [SEQ, SEQ]
+    expected = [10] * (10 if family == "llama" else 15)
+    assert calls == expected
+    assert_same_step(model, **random_batch())

@@ -102,6 +102,7 @@ class _ChunkedRun:
         # DeepSpeed ZeRO-3 partitions parameters (`ds_id` marks them) and gathers them in module hooks.
         self.zero3 = any(is_zero3_parameter(param) for _, _, param in self.slots)
         self.dropout_masks: list[DropoutMask] = []
+        self.input_node = None  # the `_SaveInput` node holding the input, when the input needs a gradient
         self.seq_len = bounds[-1][1] if bounds else 0
 
     def chunk_inputs(self, x: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
@@ -124,6 +125,27 @@ class _ChunkedRun:
         return torch.cat(outputs, dim=self.seq_dim)
 
 
+class _SaveInput(torch.autograd.Function):
+    """Identity that saves the chunked function's input *before* the chunks run.
+
+    Under non-reentrant activation checkpointing, the backward's recompute of a layer stops as soon as every tensor
+    the layer saved is back. With the input saved here, ahead of the chunks, the recompute can stop before running
+    them: their output is not needed for the backward, which recomputes each chunk itself. (If a later op of the
+    layer saved that output, the recompute goes on and runs the chunks, as it must.) So a checkpointed layer runs
+    its MLP forward twice, as upstream does, not three times.
+    """
+
+    @staticmethod
+    def forward(ctx, run: _ChunkedRun, x: torch.Tensor):
+        ctx.save_for_backward(x)
+        run.input_node = ctx
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad
+
+
 class _MiniSequenceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: _ChunkedRun, autocast_state: dict, x: torch.Tensor, *params: torch.Tensor):
@@ -131,13 +153,18 @@ class _MiniSequenceFunction(torch.autograd.Function):
         ctx.run = run
         ctx.autocast_state = autocast_state
         # Masks go through save_for_backward so that an enclosing non-reentrant checkpoint frees them too.
-        ctx.save_for_backward(x, *(mask.keep for mask in run.dropout_masks))
+        keeps = [mask.keep for mask in run.dropout_masks]
+        ctx.save_for_backward(*keeps) if run.input_node is not None else ctx.save_for_backward(x, *keeps)
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         run: _ChunkedRun = ctx.run
-        x, *keeps = ctx.saved_tensors
+        if run.input_node is not None:
+            (x,) = run.input_node.saved_tensors
+            keeps = ctx.saved_tensors
+        else:
+            x, *keeps = ctx.saved_tensors
         for mask, keep in zip(run.dropout_masks, keeps):
             mask.keep = keep
         needs_x = ctx.needs_input_grad[2]
@@ -234,5 +261,7 @@ def mini_sequence_apply(
     params = [param for _, _, param in run.slots]
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         return run.forward(x)
+    if x.requires_grad:
+        x = _SaveInput.apply(run, x)
     with gathered_while_applied(params, run.zero3):
         return _MiniSequenceFunction.apply(run, _autocast_state(x.device.type), x, *params)
