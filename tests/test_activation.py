@@ -203,3 +203,42 @@ def test_bad_switch_value_names_the_value():
     ids = torch.randint(0, 257, (1, 40))
     with pytest.raises(ValueError, match="config.use_mini_sequence must be True or False, got 'yes'"):
         model(input_ids=ids, labels=ids)
+
+
+@pytest.mark.slow
+def test_a_regular_wheel_install_activates_minis_through_its_pth(tmp_path):
+    """`pip install .` / `pip install git+URL` install a wheel; its minis.pth must sit at the root of site-packages.
+
+    The wheel is built and unpacked into a folder that is then made a site directory (which processes .pth files
+    as start-up does), in an interpreter started without site-packages so that the editable install of the test
+    environment cannot stand in for it.
+    """
+    import subprocess
+    import sys
+    import sysconfig
+
+    setuptools = pytest.importorskip("setuptools")
+    if tuple(int(part) for part in setuptools.__version__.split(".")[:2]) < (70, 1):
+        pytest.skip(f"building a wheel offline needs setuptools>=70.1 (bdist_wheel built in); found {setuptools.__version__}")
+    from helpers import REPO_ROOT
+
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), REPO_ROOT],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), *map(str, wheel_dir.glob("*.whl"))],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert install.returncode == 0, install.stderr
+    assert (target / "minis.pth").is_file()
+    code = (
+        f"import sys; sys.path.append({sysconfig.get_paths()['purelib']!r}); import site; site.addsitedir({str(target)!r})\n"
+        + TINY_LLAMA
+        + "import minis\nprint(patched, out.logits is None, minis.__file__.startswith({!r}))".format(str(target))
+    )
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "True"]
