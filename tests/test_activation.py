@@ -222,9 +222,14 @@ def test_a_regular_wheel_install_activates_minis_through_its_pth(tmp_path):
         pytest.skip(f"building a wheel offline needs setuptools>=70.1 (bdist_wheel built in); found {setuptools.__version__}")
     from helpers import REPO_ROOT
 
-    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    import shutil
+
+    # A clean copy: an in-tree build would reuse a stale build/ folder and could hide a wheel without minis.pth.
+    source, wheel_dir, target = tmp_path / "source", tmp_path / "wheel", tmp_path / "site"
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs"))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), REPO_ROOT],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, build.stderr
