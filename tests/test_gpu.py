@@ -1,0 +1,67 @@
+"""CUDA checks: bf16 + SDPA equivalence for every family, and the memory saving on a Llama-3-8B-shaped model.
+
+Marked `gpu`: skipped, with the reason, where no CUDA device is visible (conftest.py). Run them on a GPU machine
+with `python -m pytest tests/test_gpu.py -m gpu`.
+"""
+
+import pytest
+import torch
+
+from minis.testing import FAMILY_NAMES, tiny_model
+
+pytestmark = pytest.mark.gpu
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def step(model, minis_on, batch):
+    model.config.use_mini_sequence = minis_on
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_bf16_sdpa_step_matches_upstream_on_cuda(family):
+    attn = "eager" if family == "gemma2" else "sdpa"  # transformers has no SDPA path for Gemma-2's softcapping
+    sizes = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=4096, max_position_embeddings=2048, attn_implementation=attn,
+                 mini_sequence_chunk_size=100, mini_sequence_loss_chunk_size=300)
+    exact = tiny_model(family, **sizes).cuda().train()
+    model = tiny_model(family, dtype=torch.bfloat16, **sizes).cuda().train()
+    ids = torch.randint(0, 4096, (2, 1000), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    exact_loss, exact_grads = step(exact, False, batch)
+    upstream_loss, upstream_grads = step(model, False, batch)
+    chunked_loss, chunked_grads = step(model, True, batch)
+    assert abs(chunked_loss.item() - upstream_loss.item()) <= 1e-2 * abs(upstream_loss.item())
+    for name, grad in exact_grads.items():
+        upstream_error = relative_error(upstream_grads[name], grad)
+        chunked_error = relative_error(chunked_grads[name], grad)
+        assert chunked_error <= 2 * upstream_error + 1e-2, (name, chunked_error, upstream_error)
+
+
+def test_llama3_shaped_peak_is_lower_with_minis():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                         attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().train()
+    ids = torch.randint(0, 128256, (1, 8192), device="cuda")
+    peaks = {}
+    for minis_on in (False, True):
+        model.config.use_mini_sequence = minis_on
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.cuda.synchronize()
+        peaks[minis_on] = torch.cuda.max_memory_allocated() - start
+    # 8K tokens x 128256 vocab: upstream holds several GiB of fp32 logits-sized tensors that minis never builds.
+    # `minis plan --model <this config> --seq 8192 --optimizer none` predicts 5.6 vs 15.1 GiB above the weights.
+    assert peaks[True] < 0.5 * peaks[False], peaks
