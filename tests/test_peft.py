@@ -82,6 +82,18 @@ def test_lora_with_dropout_on_all_projections(family):
     assert max_relative_difference(moved, grads) > 1e-2
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_lora_dropout_under_activation_checkpointing(use_reentrant):
+    """The checkpoint's recompute redraws the dropout masks from the restored generator; they must match too."""
+    on, off = peft_model(True), peft_model(False)
+    for wrapped in (on, off):
+        wrapped.base_model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
+        )
+        wrapped.base_model.model.enable_input_require_grads()
+    assert_same_gradients(on, off)
+
+
 def test_dora():
     on, off = peft_model(True, use_dora=True), peft_model(False, use_dora=True)
     grads = assert_same_gradients(on, off)
