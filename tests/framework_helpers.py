@@ -90,6 +90,29 @@ def chunking_spy():
         lm_loss.mini_sequence_apply = originals["loss"]
 
 
+def comparison_args(output_dir, **overrides) -> dict:
+    """`TrainingArguments` (or `SFTConfig`) fields of the minis-on/off comparisons: CPU, seeded, plain SGD with a
+    constant learning rate (its update is linear in the gradient), no saving, no logging integrations."""
+    return {
+        "output_dir": str(output_dir),
+        "max_steps": 4,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "optim": "sgd",
+        "learning_rate": 0.1,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "report_to": "none",
+        "save_strategy": "no",
+        "use_cpu": True,
+        "seed": 0,
+        "data_seed": 0,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        **overrides,
+    }
+
+
 def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """Largest, over the tensors of two same-keyed dicts, of max|a - b| / max|b| (0 for equal dicts)."""
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))

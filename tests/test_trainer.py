@@ -18,6 +18,7 @@ import pytest
 import torch
 from framework_helpers import (  # noqa: F401  (single_thread is a fixture)
     chunking_spy,
+    comparison_args,
     max_relative_difference,
     model,
     pad_collator,
@@ -43,24 +44,7 @@ def train(tmp_path, *, minis_on: bool, family: str = "llama", data=None, collato
     net.config.use_mini_sequence = minis_on
     if model_hook is not None:
         net.register_forward_pre_hook(model_hook, with_kwargs=True)
-    defaults = dict(
-        output_dir=str(tmp_path / ("on" if minis_on else "off")),
-        max_steps=4,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        optim="sgd",
-        learning_rate=0.1,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    defaults.update(args)
+    defaults = comparison_args(tmp_path / ("on" if minis_on else "off"), **args)
     trainer = Trainer(
         model=net,
         args=TrainingArguments(**defaults),

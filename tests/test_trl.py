@@ -25,6 +25,7 @@ import torch
 from framework_helpers import (  # noqa: F401  (single_thread is a fixture)
     REPO_ROOT,
     chunking_spy,
+    comparison_args,
     corpus_paragraphs,
     max_relative_difference,
     model,
@@ -60,26 +61,9 @@ def sft(tmp_path, *, minis_on: bool, dataset=None, peft_config=None, family: str
 
     net = model(family)
     net.config.use_mini_sequence = minis_on
-    defaults = dict(
-        output_dir=str(tmp_path / ("on" if minis_on else "off")),
-        max_steps=3,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_length=64,
-        bf16=False,  # SFTConfig turns bf16 autocast on by default; these comparisons are fp32
-        optim="sgd",
-        learning_rate=0.1,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    defaults.update(config)
+    # SFTConfig turns bf16 autocast on by default; these comparisons are fp32 unless a test asks for bf16.
+    config = {"max_steps": 3, "max_length": 64, "bf16": False, **config}
+    defaults = comparison_args(tmp_path / ("on" if minis_on else "off"), **config)
     torch.manual_seed(0)  # LoRA's initialization draws from the global generator
     trainer = SFTTrainer(
         model=net,
@@ -180,16 +164,7 @@ def test_older_trl_that_reads_logits(tmp_path, monkeypatch):
         net = model("llama")
         net.config.use_mini_sequence = minis_on
         args = TrainingArguments(
-            output_dir=str(tmp_path / str(minis_on)),
-            max_steps=3,
-            per_device_train_batch_size=2,
-            optim="sgd",
-            learning_rate=0.1,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
+            **comparison_args(tmp_path / str(minis_on), max_steps=3, gradient_accumulation_steps=1)
         )
         trainer = LegacySFTTrainer(
             model=net, args=args, train_dataset=token_dataset(8, 20, 40), data_collator=pad_collator
