@@ -46,7 +46,7 @@ def model_flops_per_token(config, seq_len: int) -> float:
     return 6 * matmul_params + 6 * layers * seq_len * hidden
 
 
-def run_one(seq_len: int, layers: int, use_mini_sequence: bool, steps: int, warmup: int) -> dict:
+def run_one(seq_len: int, layers: int, use_mini_sequence: bool, steps: int, warmup: int, grad_ckpt: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -55,6 +55,8 @@ def run_one(seq_len: int, layers: int, use_mini_sequence: bool, steps: int, warm
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
     model.train()
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(0, config.vocab_size, (1, seq_len), device="cuda")
     batch = {"input_ids": ids, "labels": ids, "use_cache": False}
@@ -86,11 +88,11 @@ def run_one(seq_len: int, layers: int, use_mini_sequence: bool, steps: int, warm
             "peak_bytes": peak}
 
 
-def predicted_peak(seq_len: int, layers: int, use_mini_sequence: bool) -> int:
+def predicted_peak(seq_len: int, layers: int, use_mini_sequence: bool, grad_ckpt: bool) -> int:
     from minis.planner import TrainingSetup, predict_peak
 
     config = llama3_shaped_config(layers, use_mini_sequence)
-    setup = TrainingSetup(method="full", dtype="bf16", optimizer="adamw-bf16", attn="sdpa")  # torch AdamW: param dtype
+    setup = TrainingSetup(method="full", dtype="bf16", optimizer="adamw-bf16", attn="sdpa", grad_ckpt=grad_ckpt)  # torch AdamW: param dtype
     return predict_peak(config, seq_len, setup, mini_sequence=use_mini_sequence).total
 
 
@@ -102,11 +104,16 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's dense bf16 peak (default: looked up from the device name)")
+    parser.add_argument("--grad-ckpt", action="store_true",
+                        help="activation checkpointing of every layer (non-reentrant), for both variants")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
     import torch
 
+    import minis
+
+    minis.enable()  # also when minis runs from a source tree (PYTHONPATH=src), where no start-up hook is installed
     if not torch.cuda.is_available():
         print("benchmarks/throughput.py needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)",
               file=sys.stderr)
@@ -119,12 +126,13 @@ def main(argv=None) -> int:
             print(f"unknown GPU {name!r}: pass --peak-tflops (its dense bf16 peak)", file=sys.stderr)
             return 2
     results = []
-    print(f"{name}, Llama-3-8B shape with {args.layers} layers, bf16, SDPA, fused AdamW, batch 1")
+    checkpointing = "activation checkpointing" if args.grad_ckpt else "no checkpointing"
+    print(f"{name}, Llama-3-8B shape with {args.layers} layers, bf16, SDPA, fused AdamW, batch 1, {checkpointing}")
     print(f"{'seq':>7} {'variant':>9} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'planned GiB':>12}")
     for seq_len in args.seq:
         for use_mini_sequence in (False, True):
-            result = run_one(seq_len, args.layers, use_mini_sequence, args.steps, args.warmup)
-            result["predicted_peak_bytes"] = predicted_peak(seq_len, args.layers, use_mini_sequence)
+            result = run_one(seq_len, args.layers, use_mini_sequence, args.steps, args.warmup, args.grad_ckpt)
+            result["predicted_peak_bytes"] = predicted_peak(seq_len, args.layers, use_mini_sequence, args.grad_ckpt)
             variant = "minis" if use_mini_sequence else "upstream"
             if result["oom"]:
                 print(f"{seq_len:>7} {variant:>9} {'OOM':>10}")
@@ -136,7 +144,8 @@ def main(argv=None) -> int:
             results.append(result)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"device": name, "peak_tflops": peak_tflops, "layers": args.layers, "results": results},
+            json.dump({"device": name, "peak_tflops": peak_tflops, "layers": args.layers,
+                       "grad_ckpt": args.grad_ckpt, "results": results},
                       handle, indent=1)
     return 0
 
