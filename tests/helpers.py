@@ -13,3 +13,18 @@ def run_python(code: str, env: dict | None = None, timeout: int = 300) -> subpro
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO_ROOT
     )
+
+
+def relative_error(actual, expected) -> float:
+    """max|actual - expected| / max|expected|, in float64."""
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def training_step(model, minis_on: bool, **batch):
+    """One forward/backward with minis on or off for this model; returns (outputs, {name: gradient})."""
+    model.config.use_mini_sequence = minis_on
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out, grads

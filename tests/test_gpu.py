@@ -6,22 +6,11 @@ with `python -m pytest tests/test_gpu.py -m gpu`.
 
 import pytest
 import torch
+from helpers import relative_error, training_step
 
 from minis.testing import FAMILY_NAMES, tiny_model
 
 pytestmark = pytest.mark.gpu
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
-
-
-def step(model, minis_on, batch):
-    model.config.use_mini_sequence = minis_on
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -34,10 +23,10 @@ def test_bf16_sdpa_step_matches_upstream_on_cuda(family):
     model = tiny_model(family, dtype=torch.bfloat16, **sizes).cuda().train()
     ids = torch.randint(0, 4096, (2, 1000), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     batch = {"input_ids": ids, "labels": ids}
-    exact_loss, exact_grads = step(exact, False, batch)
-    upstream_loss, upstream_grads = step(model, False, batch)
-    chunked_loss, chunked_grads = step(model, True, batch)
-    assert abs(chunked_loss.item() - upstream_loss.item()) <= 1e-2 * abs(upstream_loss.item())
+    _, exact_grads = training_step(exact, False, **batch)
+    upstream, upstream_grads = training_step(model, False, **batch)
+    chunked, chunked_grads = training_step(model, True, **batch)
+    assert abs(chunked.loss.item() - upstream.loss.item()) <= 1e-2 * abs(upstream.loss.item())
     for name, grad in exact_grads.items():
         upstream_error = relative_error(upstream_grads[name], grad)
         chunked_error = relative_error(chunked_grads[name], grad)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import relative_error, training_step
 
 import minis
 from minis.testing import FAMILY_NAMES, tiny_model
@@ -9,24 +10,11 @@ from minis.testing import FAMILY_NAMES, tiny_model
 SEQ = 50
 
 
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
-
-
 def make_model(family, dtype=torch.float32, **overrides):
     overrides.setdefault("attn_implementation", "eager" if family == "gemma2" else "sdpa")  # gemma2 softcaps scores
     overrides.setdefault("mini_sequence_chunk_size", 7)  # does not divide SEQ
     overrides.setdefault("mini_sequence_loss_chunk_size", 11)
     return tiny_model(family, dtype=dtype, **overrides).train()
-
-
-def training_step(model, minis_on, **batch):
-    model.config.use_mini_sequence = minis_on
-    model.zero_grad(set_to_none=True)
-    out = model(**batch)
-    out.loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-    return out, grads
 
 
 def assert_same_step(model, tolerance=1e-5, **batch):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import relative_error
 from torch import nn
 from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -25,10 +26,6 @@ class GatedMLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(self.dropout(F.silu(self.gate_proj(x)) * self.up_proj(self.dropout(x))))
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
 
 
 def run_and_grads(fn, module, x):
