@@ -34,6 +34,7 @@ __all__ = [
     "allocator_peak_bytes",
     "measure_training_step_peak",
     "profile_peak_bytes",
+    "swap_in_fake_tensors",
 ]
 
 
@@ -282,10 +283,14 @@ def profile_peak_bytes(prof) -> int:
     return peak
 
 
-def _fake_copy(model: nn.Module, fake_mode) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
-    """Swaps every parameter and buffer of `model` for a fake tensor of `fake_mode`; returns the originals."""
+def swap_in_fake_tensors(model: nn.Module, fake_mode) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
+    """Swaps every parameter and buffer of `model` for a fake tensor of `fake_mode`; returns the originals.
+
+    A real tensor becomes its fake copy; a meta tensor (a model built without memory) becomes a fake CPU tensor of
+    its shape and dtype. Tied tensors stay tied; parameters stay parameters with their `requires_grad`.
+    """
     originals: dict[tuple[nn.Module, str, str], torch.Tensor] = {}
-    memo: dict[int, torch.Tensor] = {}  # tied weights stay tied
+    memo: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for kind in ("_parameters", "_buffers"):
             slots = getattr(module, kind)
@@ -294,7 +299,11 @@ def _fake_copy(model: nn.Module, fake_mode) -> dict[tuple[nn.Module, str, str], 
                     continue
                 originals[(module, kind, name)] = tensor
                 if id(tensor) not in memo:
-                    fake = fake_mode.from_tensor(tensor)
+                    if tensor.is_meta:
+                        with fake_mode:
+                            fake = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+                    else:
+                        fake = fake_mode.from_tensor(tensor)
                     if isinstance(tensor, nn.Parameter):
                         fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
                     memo[id(tensor)] = fake
@@ -350,7 +359,7 @@ def measure_training_step_peak(
     from .planner import _real_run_decisions
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    originals = _fake_copy(model, fake_mode)
+    originals = swap_in_fake_tensors(model, fake_mode)
     try:
         fake_batch = {k: fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with fake_mode, _real_run_decisions("native"):

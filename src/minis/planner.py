@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .memory import LiveStorageTracker, StorageRecord
+from .memory import LiveStorageTracker, StorageRecord, swap_in_fake_tensors
 from .presets import PRESET_NAMES, load_preset
 
 __all__ = [
@@ -448,26 +448,9 @@ def build_model(config, setup: TrainingSetup, *, fake_mode=None, device: str | N
         except ValueError as error:
             raise PlanError(f"--lora-targets {_targets_text(setup.lora_targets)!r}: {error}") from None
     if fake_mode is not None:
-        _give_fake_tensors(model, fake_mode)
+        swap_in_fake_tensors(model, fake_mode)  # the meta originals are not needed again
     model.train()
     return model
-
-
-def _give_fake_tensors(model: nn.Module, fake_mode) -> None:
-    """Replaces every meta parameter and buffer of `model` by a fake CPU tensor (tied tensors stay tied)."""
-    memo: dict[int, torch.Tensor] = {}
-    with fake_mode:
-        for module in model.modules():
-            for slots in (module._parameters, module._buffers):
-                for name, tensor in list(slots.items()):
-                    if tensor is None:
-                        continue
-                    if id(tensor) not in memo:
-                        fake = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
-                        if isinstance(tensor, nn.Parameter):
-                            fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
-                        memo[id(tensor)] = fake
-                    slots[name] = memo[id(tensor)]
 
 
 class _AdamW:
