@@ -230,3 +230,113 @@ def test_apply_rejects_bounds_that_do_not_cover_the_input():
         mini_sequence_apply(mlp.forward, torch.randn(1, 10, 16), module=mlp, bounds=[(0, 5)], seq_dim=1)
     with pytest.raises(ValueError, match="reduce"):
         mini_sequence_apply(mlp.forward, torch.randn(1, 10, 16), module=mlp, bounds=[(0, 10)], seq_dim=1, reduce="mean")
+
+
+@pytest.mark.parametrize("bounds", [[(0, 0), (0, 2)], [(0, 0), (0, 0), (0, 1), (1, 2)]])
+def test_empty_leading_chunks_with_dropout_match_unchunked(bounds):
+    """Ranks that agreed on more chunks than they have tokens run empty chunks, the first one included."""
+    mlp = GatedMLP(dropout=0.1)
+    x = torch.randn(1, 2, 16)
+    torch.manual_seed(7)
+    ref = run_and_grads(mlp, mlp, x)
+    after_upstream = torch.rand(3)
+    torch.manual_seed(7)
+    got = run_and_grads(lambda t: mini_sequence_apply(mlp.forward, t, module=mlp, bounds=bounds, seq_dim=1), mlp, x)
+    assert torch.equal(torch.rand(3), after_upstream), "the generator must end where upstream's does"
+    assert relative_error(got[0], ref[0]) < 1e-6
+    assert relative_error(got[1], ref[1]) < 1e-6
+    for name in ref[2]:
+        assert relative_error(got[2][name], ref[2][name]) < 1e-5, name
+
+
+def test_dropout_with_p_one_zeroes_like_upstream():
+    mlp = GatedMLP(dropout=1.0)
+    x = torch.randn(2, 9, 16)
+    torch.manual_seed(3)
+    ref = run_and_grads(mlp, mlp, x)
+    torch.manual_seed(3)
+    got = run_and_grads(lambda t: mini_sequence_mlp(mlp.forward, t, module=mlp, num_chunks=3), mlp, x)
+    assert torch.equal(got[0], ref[0])
+    for name in ref[2]:
+        assert relative_error(got[2][name], ref[2][name]) < 1e-6, name
+
+
+def test_an_unreplayable_random_op_puts_the_generators_back():
+    """The error comes with the generator where it was before the call, so a caller can rerun it unchunked."""
+    mlp = GatedMLP(dropout=0.2)
+
+    def noisy(t):
+        return mlp(t) + torch.rand(1)
+
+    x = torch.randn(1, 12, 16, requires_grad=True)
+    torch.manual_seed(11)
+    expected = torch.rand(5)
+    torch.manual_seed(11)
+    with pytest.raises(UnreplayableRandomOpError, match="rand"):
+        mini_sequence_mlp(noisy, x, module=mlp, num_chunks=3)
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_a_single_chunk_is_the_plain_call():
+    """One chunk: no recompute, no replay, so even random ops other than dropout run as upstream's."""
+    mlp = GatedMLP()
+    x = torch.randn(1, 12, 16, requires_grad=True)
+
+    def noisy(t):
+        return mlp(t) + torch.rand(1)
+
+    torch.manual_seed(5)
+    expected = noisy(x)
+    torch.manual_seed(5)
+    got = mini_sequence_mlp(noisy, x, module=mlp, num_chunks=1)
+    assert torch.equal(got, expected)
+    assert type(got.grad_fn) is type(expected.grad_fn)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_double_backward_through_the_chunked_function(dtype, tolerance):
+    torch.manual_seed(0)
+    mlp = GatedMLP(dropout=0.25).to(dtype)
+    x = torch.randn(2, 13, 16, dtype=dtype, requires_grad=True)
+    weights = torch.linspace(-1, 1, 2 * 13 * 16, dtype=dtype).view(2, 13, 16)
+
+    def penalty_grads(fn):
+        torch.manual_seed(1)
+        out = fn(x)
+        params = list(mlp.parameters())
+        first = torch.autograd.grad((out * weights).sum(), [x, *params], create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in first if g.requires_grad)
+        second = torch.autograd.grad(penalty, [x, *params], allow_unused=True)
+        return first, second
+
+    ref = penalty_grads(mlp)
+    got = penalty_grads(lambda t: mini_sequence_mlp(mlp.forward, t, module=mlp, num_chunks=4))
+    for expected, actual in zip(ref[0], got[0]):
+        assert actual.requires_grad == expected.requires_grad
+        assert relative_error(actual, expected) < tolerance
+    for expected, actual in zip(ref[1], got[1]):
+        assert (actual is None) == (expected is None)
+        if expected is not None:
+            assert relative_error(actual, expected) < tolerance
+
+
+def test_torch_func_grad_through_the_chunked_function():
+    from torch.func import functional_call, grad
+
+    mlp = GatedMLP()
+    x = torch.randn(2, 11, 16)
+
+    class Chunked(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, t):
+            return mini_sequence_mlp(self.inner.forward, t, module=self.inner, num_chunks=3)
+
+    chunked = Chunked(mlp)
+    params = {name: p.detach() for name, p in mlp.named_parameters()}
+    expected = grad(lambda p: functional_call(mlp, p, (x,)).pow(2).sum())(params)
+    got = grad(lambda p: functional_call(chunked, {f"inner.{k}": v for k, v in p.items()}, (x,)).pow(2).sum())(params)
+    for name in expected:
+        assert relative_error(got[name], expected[name]) < 1e-5, name

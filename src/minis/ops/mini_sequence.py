@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .rng_replay import DropoutMask, DropoutReplay
+from .rng_replay import DropoutMask, DropoutReplay, RngSnapshot, UnreplayableRandomOpError
 from .zero3 import gather_until_accumulated, gathered_while_applied, is_zero3_parameter
 
 __all__ = ["chunk_bounds", "mini_sequence_apply"]
@@ -102,6 +102,7 @@ class _ChunkedRun:
         # DeepSpeed ZeRO-3 partitions parameters (`ds_id` marks them) and gathers them in module hooks.
         self.zero3 = any(is_zero3_parameter(param) for _, _, param in self.slots)
         self.dropout_masks: list[DropoutMask] = []
+        self.rng_snapshot: RngSnapshot | None = None
         self.input_node = None  # the `_SaveInput` node holding the input, when the input needs a gradient
         self.seq_len = bounds[-1][1] if bounds else 0
 
@@ -109,14 +110,26 @@ class _ChunkedRun:
         return [t.narrow(self.seq_dim, start, stop - start) for t in (x, *self.extras)]
 
     def run_chunk(self, chunk_inputs: list[torch.Tensor], start: int, stop: int, draw: bool) -> torch.Tensor:
-        with DropoutReplay(self.dropout_masks, self.seq_len, start, stop, draw=draw):
+        def snapshot() -> None:
+            self.rng_snapshot = RngSnapshot(chunk_inputs[0].device)
+
+        with DropoutReplay(self.dropout_masks, self.seq_len, start, stop, draw=draw, on_first_draw=snapshot):
             return self.fn(*chunk_inputs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = [
-            self.run_chunk(self.chunk_inputs(x, start, stop), start, stop, draw=(index == 0))
-            for index, (start, stop) in enumerate(self.bounds)
-        ]
+    def forward(self, x: torch.Tensor, params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Runs every chunk; `params`, when given, stand in for the module's parameters (functorch passes
+        unwrapped ones). An unreplayable random op puts the generators back as they were before it raises."""
+        swapped = contextlib.nullcontext() if params is None or self.zero3 else _parameters_swapped(self.slots, params)
+        try:
+            with swapped:
+                outputs = [
+                    self.run_chunk(self.chunk_inputs(x, start, stop), start, stop, draw=(index == 0))
+                    for index, (start, stop) in enumerate(self.bounds)
+                ]
+        except UnreplayableRandomOpError:
+            if self.rng_snapshot is not None:
+                self.rng_snapshot.restore()
+            raise
         if self.reduce == "sum":
             total = outputs[0]
             for value in outputs[1:]:
@@ -136,10 +149,14 @@ class _SaveInput(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, run: _ChunkedRun, x: torch.Tensor):
+    def forward(run: _ChunkedRun, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        run, x = inputs
         ctx.save_for_backward(x)
         run.input_node = ctx
-        return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -147,15 +164,20 @@ class _SaveInput(torch.autograd.Function):
 
 
 class _MiniSequenceFunction(torch.autograd.Function):
+    """The chunked call as one autograd node: inputs `x` and the module's trainable parameters."""
+
     @staticmethod
-    def forward(ctx, run: _ChunkedRun, autocast_state: dict, x: torch.Tensor, *params: torch.Tensor):
-        output = run.forward(x)
+    def forward(run: _ChunkedRun, autocast_state: dict, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return run.forward(x, params)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        run, autocast_state, x, *_ = inputs
         ctx.run = run
         ctx.autocast_state = autocast_state
         # Masks go through save_for_backward so that an enclosing non-reentrant checkpoint frees them too.
         keeps = [mask.keep for mask in run.dropout_masks]
         ctx.save_for_backward(*keeps) if run.input_node is not None else ctx.save_for_backward(x, *keeps)
-        return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -167,56 +189,123 @@ class _MiniSequenceFunction(torch.autograd.Function):
             x, *keeps = ctx.saved_tensors
         for mask, keep in zip(run.dropout_masks, keeps):
             mask.keep = keep
-        needs_x = ctx.needs_input_grad[2]
-        param_needs = ctx.needs_input_grad[3:]
+        # `backward(create_graph=True)` and `autograd.grad(..., create_graph=True)` run this with grad mode on.
+        if torch.is_grad_enabled():
+            grads = _differentiable_backward(ctx, run, x, grad_output)
+        else:
+            grads = _chunkwise_backward(ctx, run, x, grad_output)
+        return (None, None, *grads)
 
-        grad_x = torch.zeros_like(x) if needs_x else None
-        accumulators: list[torch.Tensor | None] = [None] * len(run.slots)
-        device_type = x.device.type
-        with torch.enable_grad(), torch.autocast(device_type=device_type, **ctx.autocast_state):
-            for start, stop in run.bounds:
-                inputs = run.chunk_inputs(x, start, stop)
-                x_chunk = inputs[0].detach().requires_grad_(needs_x)
-                if run.zero3:
-                    # ZeRO-3's module hooks gather a submodule's partitioned parameters when a chunk calls it, and
-                    # they only know the real parameters, so no aliases here. `torch.autograd.grad` captures the
-                    # chunk's parameter gradients without accumulating them: ZeRO's post-accumulate hooks still fire
-                    # once, on the summed gradient this backward returns.
-                    aliases = [param for _, _, param in run.slots]
-                    swapped = contextlib.nullcontext()
-                else:
-                    aliases = [
-                        param.detach().requires_grad_(needed) for (_, _, param), needed in zip(run.slots, param_needs)
-                    ]
-                    swapped = _parameters_swapped(run.slots, aliases)
-                with swapped:
-                    output = run.run_chunk([x_chunk, *inputs[1:]], start, stop, draw=False)
-                wanted = ([x_chunk] if needs_x else []) + [a for a, needed in zip(aliases, param_needs) if needed]
-                if not wanted or not output.requires_grad:
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16 gradients (one rounding instead of one per chunk); wider types stay as they are."""
+    if dtype.is_floating_point and torch.finfo(dtype).bits < 32:
+        return torch.float32
+    return dtype
+
+
+def _recompute_context(ctx, device_type: str):
+    return torch.enable_grad(), torch.autocast(device_type=device_type, **ctx.autocast_state)
+
+
+def _chunkwise_backward(ctx, run: _ChunkedRun, x: torch.Tensor, grad_output: torch.Tensor) -> list:
+    """The memory-saving backward: one chunk's graph at a time, its gradients taken and the graph freed."""
+    needs_x = ctx.needs_input_grad[2]
+    param_needs = ctx.needs_input_grad[3:]
+    grad_x = torch.zeros_like(x) if needs_x else None
+    accumulators: list[torch.Tensor | None] = [None] * len(run.slots)
+    grad_mode, autocast = _recompute_context(ctx, x.device.type)
+    with grad_mode, autocast:
+        for start, stop in run.bounds:
+            inputs = run.chunk_inputs(x, start, stop)
+            x_chunk = inputs[0].detach().requires_grad_(needs_x)
+            if run.zero3:
+                # ZeRO-3's module hooks gather a submodule's partitioned parameters when a chunk calls it, and
+                # they only know the real parameters, so no aliases here. `torch.autograd.grad` captures the
+                # chunk's parameter gradients without accumulating them: ZeRO's post-accumulate hooks still fire
+                # once, on the summed gradient this backward returns.
+                aliases = [param for _, _, param in run.slots]
+                swapped = contextlib.nullcontext()
+            else:
+                aliases = [
+                    param.detach().requires_grad_(needed) for (_, _, param), needed in zip(run.slots, param_needs)
+                ]
+                swapped = _parameters_swapped(run.slots, aliases)
+            with swapped:
+                output = run.run_chunk([x_chunk, *inputs[1:]], start, stop, draw=False)
+            wanted = ([x_chunk] if needs_x else []) + [a for a, needed in zip(aliases, param_needs) if needed]
+            if not wanted or not output.requires_grad:
+                continue
+            chunk_grad = grad_output if run.reduce == "sum" else grad_output.narrow(run.seq_dim, start, stop - start)
+            grads = list(torch.autograd.grad(output, wanted, chunk_grad, allow_unused=True))
+            if needs_x:
+                grad = grads.pop(0)
+                if grad is not None:
+                    grad_x.narrow(run.seq_dim, start, stop - start).copy_(grad)
+            for index, needed in enumerate(param_needs):
+                if not needed:
                     continue
-                chunk_grad = grad_output if run.reduce == "sum" else grad_output.narrow(run.seq_dim, start, stop - start)
-                grads = list(torch.autograd.grad(output, wanted, chunk_grad, allow_unused=True))
-                if needs_x:
-                    grad = grads.pop(0)
-                    if grad is not None:
-                        grad_x.narrow(run.seq_dim, start, stop - start).copy_(grad)
-                for index, needed in enumerate(param_needs):
-                    if not needed:
-                        continue
-                    grad = grads.pop(0)
-                    if grad is None:
-                        continue
-                    if accumulators[index] is None:
-                        accumulators[index] = grad.to(torch.float32) if grad.is_floating_point() else grad
-                    else:
-                        accumulators[index].add_(grad)
-                del output, grads
-        param_grads = [
-            None if acc is None else acc.to(param.dtype) for acc, (_, _, param) in zip(accumulators, run.slots)
-        ]
-        if run.zero3:
-            gather_until_accumulated([p for grad, (_, _, p) in zip(param_grads, run.slots) if grad is not None])
-        return (None, None, grad_x, *param_grads)
+                grad = grads.pop(0)
+                if grad is None:
+                    continue
+                if accumulators[index] is None:
+                    accumulators[index] = grad.to(_accumulation_dtype(grad.dtype))
+                else:
+                    accumulators[index].add_(grad)
+            del output, grads
+    param_grads = [None if acc is None else acc.to(param.dtype) for acc, (_, _, param) in zip(accumulators, run.slots)]
+    if run.zero3:
+        gather_until_accumulated([p for grad, (_, _, p) in zip(param_grads, run.slots) if grad is not None])
+    return [grad_x, *param_grads]
+
+
+def _differentiable_backward(ctx, run: _ChunkedRun, x: torch.Tensor, grad_output: torch.Tensor) -> list:
+    """The backward of `create_graph=True` (double backward, gradient penalties): every chunk's graph is kept.
+
+    The chunks are recomputed on `x` itself and on differentiable aliases (views) of the parameters, and their
+    gradients are taken with `create_graph=True`, so the returned gradients are functions of `x`, the parameters
+    and `grad_output` that autograd can differentiate again. Gradients are taken with respect to the aliases, so
+    hooks on the real parameters do not see per-chunk gradients here either. This path holds every chunk's graph
+    at once: it saves no memory, as a `create_graph` backward of the unchunked module would not either.
+    """
+    if run.zero3:
+        raise RuntimeError(
+            "minis: a create_graph (double) backward through a mini-sequence module with DeepSpeed ZeRO-3 "
+            "partitioned parameters is not supported; set `config.use_mini_sequence=False` (or MINIS=0) for "
+            "this run."
+        )
+    needs_x = ctx.needs_input_grad[2]
+    param_needs = ctx.needs_input_grad[3:]
+    x_grads: list[torch.Tensor] = []
+    param_grads: list[torch.Tensor | None] = [None] * len(run.slots)
+    grad_mode, autocast = _recompute_context(ctx, x.device.type)
+    with grad_mode, autocast:
+        aliases = [param.view_as(param) for _, _, param in run.slots]
+        for start, stop in run.bounds:
+            inputs = run.chunk_inputs(x, start, stop)
+            x_chunk = inputs[0]
+            with _parameters_swapped(run.slots, aliases):
+                output = run.run_chunk([x_chunk, *inputs[1:]], start, stop, draw=False)
+            chunk_grad = grad_output if run.reduce == "sum" else grad_output.narrow(run.seq_dim, start, stop - start)
+            wanted = ([x_chunk] if needs_x else []) + [a for a, needed in zip(aliases, param_needs) if needed]
+            if wanted and output.requires_grad:
+                grads = list(torch.autograd.grad(output, wanted, chunk_grad, create_graph=True, allow_unused=True))
+            else:
+                grads = [None] * len(wanted)
+            if needs_x:
+                grad = grads.pop(0)
+                x_grads.append(torch.zeros_like(x_chunk) if grad is None else grad)
+            for index, needed in enumerate(param_needs):
+                if not needed:
+                    continue
+                grad = grads.pop(0)
+                if grad is None:
+                    continue
+                grad = grad.to(_accumulation_dtype(grad.dtype))
+                param_grads[index] = grad if param_grads[index] is None else param_grads[index] + grad
+    grad_x = torch.cat(x_grads, dim=run.seq_dim) if needs_x else None
+    param_grads = [None if grad is None else grad.to(param.dtype) for grad, (_, _, param) in zip(param_grads, run.slots)]
+    return [grad_x, *param_grads]
 
 
 def _autocast_state(device_type: str) -> dict:
@@ -251,12 +340,20 @@ def mini_sequence_apply(
         extras: tensors chunked alongside `x` and passed to `fn` (e.g. labels); they get no gradient.
 
     Returns:
-        What `fn(x, *extras)` returns, up to floating-point summation order for "sum".
+        What `fn(x, *extras)` returns, up to floating-point summation order for "sum". With a single chunk this is
+        exactly `fn(x, *extras)`, called with plain autograd.
+
+    Raises:
+        UnreplayableRandomOpError: `fn` drew random numbers other than dropout's in a chunk. The random generators
+            are put back as they were before the call drew anything, so the caller may run `fn` unchunked instead.
     """
     if reduce not in ("cat", "sum"):
         raise ValueError(f"reduce must be 'cat' or 'sum', got {reduce!r}")
     if not bounds or bounds[0][0] != 0 or bounds[-1][1] != x.shape[seq_dim]:
         raise ValueError(f"chunk bounds {bounds} do not cover the {x.shape[seq_dim]} tokens of the input")
+    if len(bounds) == 1:
+        # One chunk is the unchunked call: plain autograd, upstream's memory and random numbers.
+        return fn(x, *extras)
     run = _ChunkedRun(fn, module, bounds, seq_dim, reduce, extras)
     params = [param for _, _, param in run.slots]
     if not torch.is_grad_enabled() or not (x.requires_grad or params):

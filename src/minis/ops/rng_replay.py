@@ -6,8 +6,14 @@ the first chunk, each dropout call draws the mask for the *whole* sequence, with
 makes (same shape, dtype, device, order), and keeps it as a bool tensor; every chunk then applies its slice of
 that mask. The backward recompute reuses the kept masks and draws nothing.
 
-Any other random op inside a chunked function raises: its numbers cannot be replayed, and a silently different
-model is worse than an error.
+Any other random op inside a chunked function raises `UnreplayableRandomOpError`: its numbers cannot be replayed,
+and a silently different model is worse than an error. The random generators are put back as they were before the
+chunked call drew anything (`RngSnapshot`), so a caller can catch the error and run the module unchunked with
+upstream's random numbers.
+
+Edge cases follow aten's `dropout`: `p == 1` zeroes the input and draws nothing; a chunk may be empty (ranks that
+agreed on a chunk count can have more chunks than tokens), and an empty chunk still draws the whole-sequence mask
+when it is the first chunk: it draws the whole-sequence masks all the same, in upstream's order.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["DropoutMask", "DropoutReplay", "UnreplayableRandomOpError"]
+__all__ = ["DropoutMask", "DropoutReplay", "RngSnapshot", "UnreplayableRandomOpError"]
 
 
 class UnreplayableRandomOpError(RuntimeError):
@@ -56,9 +62,28 @@ _OTHER_RANDOM_FUNCS = {
 
 
 def _uses_fused_dropout(tensor: torch.Tensor) -> bool:
-    # Mirrors aten's `is_fused_kernel_acceptable`: these devices run `native_dropout`, the CPU runs
-    # `bernoulli_` on a noise tensor and multiplies.
+    # Mirrors aten's `is_fused_kernel_acceptable` for 0 < p < 1 on a non-empty tensor: these devices run
+    # `native_dropout`, the CPU runs `bernoulli_` on a noise tensor and multiplies.
     return tensor.device.type in ("cuda", "xpu", "lazy", "privateuseone")
+
+
+class RngSnapshot:
+    """The state of the CPU generator and of one device's generator, taken before a chunked call draws anything."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu_state = torch.get_rng_state()
+        self.device = device
+        self.device_state = None
+        if device.type != "cpu":
+            module = getattr(torch, device.type, None)
+            get_state = getattr(module, "get_rng_state", None)
+            if get_state is not None:
+                self.device_state = get_state(device)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu_state)
+        if self.device_state is not None:
+            getattr(torch, self.device.type).set_rng_state(self.device_state, self.device)
 
 
 @dataclass
@@ -105,16 +130,27 @@ class DropoutReplay(TorchFunctionMode):
             later chunks and the backward recompute read it by call order.
         seq_len: the full sequence length.
         start, stop: this chunk's token range.
-        draw: whether this chunk may draw new masks (only the forward's first chunk).
+        draw: whether this chunk may draw new masks (only the forward's first chunk, even when it is empty: it
+            draws the whole-sequence masks all the same).
+        on_first_draw: called once before the first mask is drawn (to snapshot the generators).
     """
 
-    def __init__(self, masks: list[DropoutMask], seq_len: int, start: int, stop: int, draw: bool) -> None:
+    def __init__(
+        self,
+        masks: list[DropoutMask],
+        seq_len: int,
+        start: int,
+        stop: int,
+        draw: bool,
+        on_first_draw=None,
+    ) -> None:
         super().__init__()
         self.masks = masks
         self.seq_len = seq_len
         self.start = start
         self.stop = stop
         self.draw = draw
+        self.on_first_draw = on_first_draw
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -136,10 +172,14 @@ class DropoutReplay(TorchFunctionMode):
         x = bound["input"]
         p = float(bound.get("p", 0.5))
         training = bool(bound.get("training", bound.get("train", True)))
-        if not training or p == 0.0 or x.numel() == 0:
-            return func(*args, **kwargs)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        if not training or p == 0.0:
+            return func(*args, **kwargs)
+        if p == 1.0:
+            # aten zeroes the input without drawing random numbers; so does every chunk.
+            zero = torch.zeros((), dtype=x.dtype, device=x.device)
+            return x.mul_(zero) if bound.get("inplace", False) else x * zero
         seq_dim = x.dim() - 2
         if seq_dim < 0 or x.shape[seq_dim] != self.stop - self.start:
             raise UnreplayableRandomOpError(
@@ -147,14 +187,19 @@ class DropoutReplay(TorchFunctionMode):
                 "tokens: its sequence axis cannot be found, so its mask cannot match the unchunked run. Set "
                 "`config.use_mini_sequence=False` for this model."
             )
+        full_shape = list(x.shape)
+        full_shape[seq_dim] = self.seq_len
+        if 0 in full_shape:
+            # aten returns an empty input as it is and draws nothing; every chunk of it is empty too.
+            return func(*args, **kwargs)
         if self.calls == len(self.masks):
             if not self.draw:
                 raise UnreplayableRandomOpError(
                     "minis: a chunk called dropout more often than the first chunk did; the chunked function "
                     "must make the same calls on every chunk."
                 )
-            full_shape = list(x.shape)
-            full_shape[seq_dim] = self.seq_len
+            if self.on_first_draw is not None and not self.masks:
+                self.on_first_draw()
             self.masks.append(DropoutMask.draw(x, full_shape, p))
         mask = self.masks[self.calls]
         self.calls += 1
