@@ -192,16 +192,21 @@ def test_config_keyword_arguments_reach_the_config(tmp_path):
 @pytest.mark.parametrize("name", ["mini_sequence_chunk_size", "mini_sequence_loss_chunk_size"])
 @pytest.mark.parametrize("bad", [0, -4, 2.5, "16", True])
 def test_bad_chunk_size_names_the_value(name, bad):
-    model = tiny_model("llama", **{name: bad}).train()
-    ids = torch.randint(0, 257, (1, 40))
     with pytest.raises(ValueError, match=rf"config\.{name} must be a positive int .* got {bad!r}"):
-        model(input_ids=ids, labels=ids)
+        tiny_model("llama", **{name: bad})
 
 
 def test_bad_switch_value_names_the_value():
-    model = tiny_model("qwen2", use_mini_sequence="yes")
-    ids = torch.randint(0, 257, (1, 40))
     with pytest.raises(ValueError, match="config.use_mini_sequence must be True or False, got 'yes'"):
+        tiny_model("qwen2", use_mini_sequence="yes")
+
+
+def test_a_bad_value_that_bypassed_the_config_still_fails_at_the_forward():
+    """A value put into the config's `__dict__` directly skips the setter; the forward checks it again."""
+    model = tiny_model("llama").train()
+    model.config.__dict__["mini_sequence_chunk_size"] = 0
+    ids = torch.randint(0, 257, (1, 40))
+    with pytest.raises(ValueError, match=r"config\.mini_sequence_chunk_size must be a positive int .* got 0"):
         model(input_ids=ids, labels=ids)
 
 

@@ -192,10 +192,94 @@ def test_custom_loss_function_keeps_upstream_path():
     assert out.logits is not None
 
 
-def test_return_dict_false_gives_a_tuple():
+def test_tuple_outputs_keep_upstream_layout_in_training():
+    """`out[1]` is the logits in upstream's tuple; under minis it must not silently become the cache.
+
+    (`config.return_dict=False` is not tested: upstream's own causal-LM forward fails with it in transformers 5.)
+    """
     model = make_model("llama")
-    out = model(**random_batch(), return_dict=False)
-    assert isinstance(out, tuple) and out[0].dim() == 0
+    batch = random_batch()
+    kwargs = {"return_dict": False}
+    model.config.use_mini_sequence = False
+    upstream = model(**batch, output_hidden_states=True, **kwargs)
+    model.config.use_mini_sequence = True
+    calls = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+    chunked = model(**batch, output_hidden_states=True, **kwargs)
+    assert isinstance(chunked, tuple) and len(chunked) == len(upstream)
+    for got, expected in zip(chunked, upstream):
+        if torch.is_tensor(expected):
+            assert got.shape == expected.shape
+            assert relative_error(got, expected) < 1e-5
+    assert chunked[1].shape == (2, SEQ, 257), "the second element is the logits, as upstream's"
+    assert len(calls) == 8, "the MLPs stay chunked"
+
+
+def test_double_backward_gradient_penalty_matches_upstream():
+    """create_graph=True: first-order gradients are differentiable and second-order ones equal upstream's."""
+    model = make_model("llama", dtype=torch.float64, attn_implementation="eager")
+    batch = random_batch(seq=23)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def penalty_step(minis_on):
+        model.config.use_mini_sequence = minis_on
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in grads)
+        (loss + penalty).backward()
+        return loss.detach(), [g.detach() for g in grads], [g.requires_grad for g in grads], [
+            p.grad.clone() if p.grad is not None else None for p in params
+        ]
+
+    upstream = penalty_step(False)
+    chunked = penalty_step(True)
+    assert relative_error(chunked[0], upstream[0]) < 1e-7
+    assert chunked[2] == upstream[2], "first-order gradients must stay differentiable"
+    for got, expected in zip(chunked[1], upstream[1]):
+        assert relative_error(got, expected) < 1e-7
+    for (name, _), got, expected in zip(model.named_parameters(), chunked[3], upstream[3]):
+        assert (got is None) == (expected is None), name
+        if expected is not None:
+            assert relative_error(got, expected) < 1e-6, name
+
+
+def test_double_backward_input_gradient_penalty_matches_upstream():
+    model = make_model("qwen2", dtype=torch.float64, attn_implementation="eager")  # SDPA has no double backward
+    batch = random_batch(seq=19)
+
+    def penalty_step(minis_on):
+        model.config.use_mini_sequence = minis_on
+        model.zero_grad(set_to_none=True)
+        embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        loss = model(inputs_embeds=embeds, labels=batch["labels"]).loss
+        (input_grad,) = torch.autograd.grad(loss, embeds, create_graph=True)
+        input_grad.pow(2).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    upstream = penalty_step(False)
+    chunked = penalty_step(True)
+    assert chunked.keys() == upstream.keys()
+    for name, grad in upstream.items():
+        assert relative_error(chunked[name], grad) < 1e-6, name
+
+
+def test_torch_func_grad_over_the_model_matches_upstream():
+    from torch.func import functional_call, grad
+
+    model = make_model("mistral")
+    batch = random_batch(seq=21)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss_of(values):
+        return functional_call(model, values, args=(), kwargs=batch).loss
+
+    model.config.use_mini_sequence = False
+    upstream = grad(loss_of)(params)
+    model.config.use_mini_sequence = True
+    chunked = grad(loss_of)(params)
+    for name, expected in upstream.items():
+        assert relative_error(chunked[name], expected) < 1e-5, name
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -244,3 +328,45 @@ def test_checkpointed_layers_run_the_mlp_forward_as_often_as_upstream(family):
     expected = [10] * (10 if family == "llama" else 15)
     assert calls == expected
     assert_same_step(model, **random_batch())
+
+
+def test_vmap_jvp_and_per_sample_grads_run_unchunked_with_one_warning():
+    """Batching and forward-mode transforms cannot go through the chunked autograd function; upstream's path runs."""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    from minis import _hook
+
+    model = make_model("llama", attn_implementation="eager")  # SDPA on CPU has no forward-mode derivative
+    ids = random_batch(batch_size=3, seq=16)["input_ids"]
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    _hook._warned.discard("functorch-transform")
+
+    def per_example_loss(values, row):
+        row = row.unsqueeze(0)
+        return functional_call(model, values, args=(), kwargs={"input_ids": row, "labels": row}).loss
+
+    def losses(minis_on):
+        model.config.use_mini_sequence = minis_on
+        return vmap(per_example_loss, in_dims=(None, 0))(params, ids)
+
+    expected = losses(False)
+    with pytest.warns(RuntimeWarning, match="functorch .* transform"):
+        got = losses(True)
+    assert relative_error(got, expected) < 1e-6
+
+    tangents = {name: torch.ones_like(p) for name, p in params.items()}
+
+    def tangent_of(minis_on):
+        model.config.use_mini_sequence = minis_on
+        return jvp(lambda values: per_example_loss(values, ids[0]), (params,), (tangents,))[1]
+
+    assert relative_error(tangent_of(True), tangent_of(False)) < 1e-5
+
+    def per_sample_grads(minis_on):
+        model.config.use_mini_sequence = minis_on
+        return vmap(grad(per_example_loss), in_dims=(None, 0))(params, ids)
+
+    expected_grads = per_sample_grads(False)
+    got_grads = per_sample_grads(True)
+    for name, expected_grad in expected_grads.items():
+        assert relative_error(got_grads[name], expected_grad) < 1e-5, name

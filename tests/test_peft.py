@@ -223,3 +223,103 @@ def test_activated_lora_on_attention_only_keeps_minis_on(monkeypatch):
     assert counts_on["mlp"] > 0
     torch.testing.assert_close(loss_on, loss_off, rtol=1e-6, atol=0)
     assert max_relative_difference(grads_on, grads_off) < GRAD_RTOL
+
+
+# Adapters chunking cannot reproduce: minis runs the modules holding them unchunked, warns once, never crashes.
+
+
+def adapted_model(minis_on: bool, peft_config, family: str = "llama"):
+    from peft import get_peft_model
+
+    net = model(family)
+    net.config.use_mini_sequence = minis_on
+    torch.manual_seed(0)
+    wrapped = get_peft_model(net, peft_config)
+    wrapped.train()
+    return wrapped
+
+
+def assert_same_step_as_upstream(make, warning_match: str | None):
+    """One seeded step with minis on and off: same loss and gradients; `warning_match` names the one warning."""
+    from minis import _hook
+
+    def step(wrapped):
+        torch.manual_seed(1234)
+        with chunking_spy() as counts:
+            loss = wrapped(**batch()).loss
+            loss.backward()
+        grads = {name: p.grad for name, p in wrapped.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, dict(counts)
+
+    _hook._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss_on, grads_on, counts_on = step(make(True))
+    minis_warnings = [str(w.message) for w in caught if str(w.message).startswith("minis:")]
+    loss_off, grads_off, _ = step(make(False))
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-6, atol=0)
+    assert grads_on.keys() == grads_off.keys()
+    for name, grad in grads_off.items():
+        assert (grads_on[name] is None) == (grad is None), name
+        if grad is None:
+            continue
+        scale = grad.abs().max().clamp_min(1e-12)
+        assert ((grads_on[name] - grad).abs().max() / scale).item() < GRAD_RTOL, name
+    if warning_match is None:
+        assert not minis_warnings, minis_warnings
+    else:
+        assert len(minis_warnings) == 1 and warning_match in minis_warnings[0], minis_warnings
+    return counts_on
+
+
+def test_lora_dropout_of_one_zeroes_the_branch_like_upstream():
+    from peft import LoraConfig
+
+    config = lambda: LoraConfig(r=4, lora_alpha=8, lora_dropout=1.0, target_modules=ALL_PROJECTIONS,  # noqa: E731
+                                init_lora_weights=False)
+    counts = assert_same_step_as_upstream(lambda on: adapted_model(on, config()), None)
+    assert counts["mlp"] > 0, "p=1 dropout is replayable: the MLPs stay chunked"
+
+
+def test_boft_with_dropout_runs_its_modules_unchunked():
+    from peft import BOFTConfig
+
+    config = lambda: BOFTConfig(boft_block_size=4, boft_dropout=0.2,  # noqa: E731
+                                target_modules=["gate_proj", "up_proj", "down_proj"])
+    assert_same_step_as_upstream(lambda on: adapted_model(on, config()), "draws random numbers")
+
+
+@pytest.mark.parametrize("dropouts", [{"module_dropout": 0.3}, {"rank_dropout": 0.3}], ids=["module", "rank"])
+def test_loha_with_dropout_runs_its_modules_unchunked(dropouts):
+    from peft import LoHaConfig
+
+    config = lambda: LoHaConfig(r=4, alpha=8, target_modules=["gate_proj", "down_proj", "lm_head"],  # noqa: E731
+                                init_weights=False, **dropouts)
+    assert_same_step_as_upstream(lambda on: adapted_model(on, config()), "draws random numbers")
+
+
+def test_xlora_runs_its_modules_unchunked(tmp_path):
+    from peft import LoraConfig, XLoraConfig, get_peft_model
+
+    for index in range(2):
+        torch.manual_seed(10 + index)
+        lora = get_peft_model(model("llama"), LoraConfig(r=4, target_modules=["gate_proj", "down_proj"],
+                                                         init_lora_weights=False))
+        lora.save_pretrained(tmp_path / f"adapter{index}")
+
+    def make(on):
+        net = model("llama")
+        net.config.use_mini_sequence = on
+        net.config.use_cache = False
+        torch.manual_seed(0)
+        config = XLoraConfig(
+            task_type="CAUSAL_LM",
+            hidden_size=net.config.hidden_size,
+            xlora_depth=2,
+            adapters={str(i): str(tmp_path / f"adapter{i}") for i in range(2)},  # PEFT loads them as "0", "1"
+        )
+        wrapped = get_peft_model(net, config)
+        wrapped.train()
+        return wrapped
+
+    assert_same_step_as_upstream(make, "X-LoRA")

@@ -68,12 +68,25 @@ def disable() -> None:
 
 
 def is_enabled() -> bool:
-    """Whether the family modules imported so far are patched (the hook is installed and minis is on)."""
+    """Whether minis patches the families: the hook is installed and the transformers version is supported.
+
+    On an unsupported transformers version the hook may be installed, but it patches nothing, so this is False.
+    """
     import sys
 
-    from ._hook import MinisFinder
+    from ._hook import MinisFinder, transformers_version_problem
 
-    return any(isinstance(finder, MinisFinder) for finder in sys.meta_path)
+    if not any(isinstance(finder, MinisFinder) for finder in sys.meta_path):
+        return False
+    version = getattr(sys.modules.get("transformers"), "__version__", None)
+    if version is None:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("transformers")
+        except metadata.PackageNotFoundError:
+            return False
+    return transformers_version_problem(version) is None
 
 
 def is_active(model: Any) -> bool:

@@ -59,33 +59,98 @@ def is_patched_method(method: Any) -> bool:
 
 
 def _mini_sequence_mlp_forward(upstream_forward):
-    from .ops import mini_sequence_mlp
+    from .ops import UnreplayableRandomOpError, mini_sequence_mlp
 
     @functools.wraps(upstream_forward)
     def forward(self, x, *args, **kwargs):
         config = self.config
         if args or kwargs or not minis_config.use_mini_sequence(config) or getattr(x, "dim", lambda: 0)() < 2:
             return upstream_forward(self, x, *args, **kwargs)
-        if _holds_sequence_dependent_adapter(self):
+        if _holds_sequence_dependent_adapter(self) or _under_functorch_transform_other_than_grad(self):
             return upstream_forward(self, x)
-        chunking = minis_config.mlp_chunking(config, x.shape[-2], x.device)
+        agree_across_ranks = _needs_rank_agreement(self)
+        if agree_across_ranks is None:
+            return upstream_forward(self, x)
+        chunking = minis_config.mlp_chunking(config, x.shape[-2], x.device, agree_across_ranks=agree_across_ranks)
         if chunking is None:
             return upstream_forward(self, x)
-        return mini_sequence_mlp(functools.partial(upstream_forward, self), x, module=self, **chunking)
+        try:
+            return mini_sequence_mlp(functools.partial(upstream_forward, self), x, module=self, **chunking)
+        except UnreplayableRandomOpError as error:
+            # Raised by the first chunk before it drew anything it could not replay, with the random generators
+            # put back as they were: the unchunked module draws what upstream draws.
+            _warn_unchunkable(self, error)
+            return upstream_forward(self, x)
 
     setattr(forward, _UPSTREAM, upstream_forward)
     return forward
 
 
+def _needs_rank_agreement(module) -> bool | None:
+    """Whether the chunk count of `module` must be agreed across ranks; None when the module must run unchunked.
+
+    Only DeepSpeed ZeRO-3 runs a collective inside a chunk (it all-gathers a submodule's partitioned parameters on
+    every call), so only there must ranks run the same number of chunks. minis agrees on the count with one
+    all-reduce in a grad-enabled training forward, where every rank runs the same forward. Elsewhere (evaluation,
+    `generate()`, which may run on one rank only, no-grad forwards) it runs no collective of its own, and a ZeRO-3
+    module runs unchunked: one call per submodule, exactly upstream's collectives.
+    """
+    from .ops.zero3 import is_zero3_parameter
+
+    if not any(is_zero3_parameter(param) for param in module.parameters()):
+        return False
+    import torch
+
+    if torch.is_grad_enabled() and module.training:
+        return True
+    return None
+
+
+def _under_functorch_transform_other_than_grad(module) -> bool:
+    """Whether a functorch transform other than `grad`/`vjp` (vmap, jvp, ...) is running; warns once when it is.
+
+    The chunked autograd function supports `torch.func.grad`, `vjp` and `jacrev`; batching and forward-mode
+    transforms (`vmap`, also around `grad` for per-sample gradients, and `jvp`) have no rule for it, so under them
+    the modules run unchunked, as upstream.
+    """
+    import torch
+
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    others = [i.key().name for i in retrieve_all_functorch_interpreters() if i.key() != TransformType.Grad]
+    if not others:
+        return False
+    warn_once(
+        "functorch-transform",
+        f"minis: a functorch {'/'.join(others)} transform is running; minis supports torch.func.grad/vjp over its "
+        f"chunked modules, and runs {type(module).__name__} and the other chunked modules unchunked under this "
+        "transform, as upstream does.",
+    )
+    return True
+
+
+def _warn_unchunkable(module, error: Exception) -> None:
+    warn_once(
+        "unreplayable-random",
+        f"minis: {type(module).__name__} draws random numbers that a mini-sequence chunk cannot replay ({error}); minis "
+        "runs this and every other such module unchunked, as upstream does, with upstream's random numbers (no "
+        "mini-sequence memory saving there). Typical cause: a PEFT adapter with its own random dropout (BOFT's boft_dropout, LoHa/LoKr's "
+        "module_dropout or rank_dropout).",
+    )
+
+
 def _holds_sequence_dependent_adapter(module) -> bool:
-    """Whether `module` holds an adapter that chunking would change (aLoRA); warns once when it does."""
+    """Whether `module` holds an adapter that chunking would change (aLoRA, X-LoRA); warns once when it does."""
     found = sequence_dependent_adapter(module)
     if found is not None:
         warn_once(
             "sequence-dependent-adapter",
-            f"minis: {type(module).__name__} holds {found}, an adapter applied by position from the end of the whole "
-            "sequence; chunking would change where it applies, so minis runs the modules that hold such adapters "
-            "unchunked, as upstream does (no mini-sequence memory saving there).",
+            f"minis: {type(module).__name__} holds {found}, an adapter whose effect on a token depends on the whole "
+            "sequence; chunking would change it, so minis runs the modules that hold such adapters unchunked, as "
+            "upstream does (no mini-sequence memory saving there).",
         )
         return True
     return False
@@ -128,9 +193,8 @@ def _uses_default_causal_lm_loss(model) -> bool:
 
 def _mini_sequence_causal_lm_forward(upstream_forward):
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    from transformers.utils import can_return_tuple
 
-    from .ops import chunked_causal_lm_loss
+    from .ops import UnreplayableRandomOpError, chunked_causal_lm_loss
 
     # `upstream_forward` is wrapped by `can_return_tuple`; binding arguments needs the signature beneath it.
     signature = inspect.signature(inspect.unwrap(upstream_forward))
@@ -141,13 +205,30 @@ def _mini_sequence_causal_lm_forward(upstream_forward):
         config = self.config
         if not (self.training and minis_config.use_mini_sequence_loss(config)):
             return upstream_forward(self, *args, **kwargs)
-        arguments = signature.bind(self, *args, **kwargs).arguments
+        # `can_return_tuple` (around upstream's forward) takes `return_dict` as a keyword only; so does this.
+        return_dict = kwargs.get("return_dict")
+        return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
+        bound_kwargs = {name: value for name, value in kwargs.items() if name != "return_dict"}
+        arguments = signature.bind(self, *args, **bound_kwargs).arguments
         labels = arguments.get("labels")
         logits_to_keep = arguments.get("logits_to_keep", 0)
         keeps_all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
         if labels is None or not keeps_all_logits or not _uses_default_causal_lm_loss(self):
             return upstream_forward(self, *args, **kwargs)
-        if _holds_sequence_dependent_adapter(self.lm_head):
+        if _holds_sequence_dependent_adapter(self.lm_head) or _under_functorch_transform_other_than_grad(self):
+            return upstream_forward(self, *args, **kwargs)
+        agree_across_ranks = _needs_rank_agreement(self.lm_head)
+        if agree_across_ranks is None:
+            return upstream_forward(self, *args, **kwargs)
+        if not return_dict:
+            # A tuple has no named fields: upstream's `(loss, logits, ...)` without logits would shift every later
+            # element into the logits slot. Tuple callers keep upstream's layout; the MLPs stay chunked.
+            warn_once(
+                "tuple-outputs",
+                "minis: return_dict=False in training: tuple outputs keep upstream's layout (loss, logits, ...), so "
+                "the LM-head loss runs unchunked to produce the logits; the MLPs stay mini-sequence. Use "
+                "return_dict=True (the default) to get the chunked loss with outputs.logits None.",
+            )
             return upstream_forward(self, *args, **kwargs)
         if _trainer_wants_outputs():
             # The caller reads the outputs, so they keep upstream's logits; the MLPs stay chunked.
@@ -171,20 +252,21 @@ def _mini_sequence_causal_lm_forward(upstream_forward):
         outputs = self.model(**model_kwargs)
         hidden_states = outputs.last_hidden_state
         loss_kwargs = {name: model_kwargs[name] for name in _LOSS_KWARGS if name in model_kwargs}
+        loss_kwargs.update(labels=labels, final_logit_softcapping=getattr(config, "final_logit_softcapping", None))
         num_tokens = hidden_states.shape[0] * hidden_states.shape[1]
-        loss = chunked_causal_lm_loss(
-            hidden_states,
-            self.lm_head,
-            labels,
-            final_logit_softcapping=getattr(config, "final_logit_softcapping", None),
-            **loss_kwargs,
-            **minis_config.loss_chunking(config, num_tokens, hidden_states.device),
+        chunking = minis_config.loss_chunking(
+            config, num_tokens, hidden_states.device, agree_across_ranks=agree_across_ranks
         )
+        try:
+            loss = chunked_causal_lm_loss(hidden_states, self.lm_head, **loss_kwargs, **chunking)
+        except UnreplayableRandomOpError as error:
+            # The generators are back where they were before the head ran; one chunk is upstream's computation.
+            _warn_unchunkable(self.lm_head, error)
+            loss = chunked_causal_lm_loss(hidden_states, self.lm_head, **loss_kwargs, num_chunks=1)
         passed_on = {name: value for name, value in outputs.items() if name in output_fields}
         passed_on.pop("last_hidden_state", None)
         return CausalLMOutputWithPast(loss=loss, logits=None, **passed_on)
 
-    forward = can_return_tuple(forward)
     setattr(forward, _UPSTREAM, upstream_forward)
     return forward
 
@@ -216,17 +298,18 @@ def _owner(cls):
 
 
 def patch_configuration_module(module) -> None:
-    """Gives the family's config class minis' attributes as class-level defaults.
+    """Gives the family's config class minis' attributes, with their defaults and validation.
 
-    Class attributes (not dataclass fields) make `hasattr(config, name)` true, which is what lets
-    `from_pretrained(..., use_mini_sequence=False)` and `AutoConfig.from_pretrained(..., **kwargs)` set them, while a
-    config that never set them saves no minis keys.
+    Class-level descriptors (`config.ValidatedSetting`, not dataclass fields) make `hasattr(config, name)` true,
+    which is what lets `from_pretrained(..., use_mini_sequence=False)` and `AutoConfig.from_pretrained(..., **kwargs)`
+    set them; they check every value set, so a bad value fails when the config is built or loaded; and a config that
+    never set them saves no minis keys.
     """
     family = _family_of(module.__name__, "configuration")
     config_class = getattr(module, family.config_class)
-    for name, default in minis_config.CONFIG_DEFAULTS.items():
+    for name in minis_config.CONFIG_DEFAULTS:
         if name not in config_class.__dict__:
-            setattr(config_class, name, default)
+            setattr(config_class, name, minis_config.ValidatedSetting(name))
 
 
 def patch_modeling_module(module) -> None:
