@@ -138,3 +138,45 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def launch_ranks(worker: str, args: list[str], out_dir, world_size: int = 2, timeout: int = 120) -> list[dict]:
+    """Runs `python worker *args` as `world_size` local ranks (gloo over loopback, one thread each); returns each
+    rank's saved `out_dir/rank{rank}.pt`, or fails the test with the ranks' output (a hang fails after `timeout`)."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    processes = []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, worker, *args],
+                env=env,
+                cwd=REPO_ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = []
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=timeout)
+            outputs.append(output)
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        pytest.fail(f"{args}: the ranks did not finish within {timeout} s (deadlock?)")
+    for rank, (process, output) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, f"{args} rank {rank} failed:\n{output[-4000:]}"
+    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world_size)]
