@@ -75,7 +75,7 @@ def load_local_dataset(path: str):
 
 
 def attention_implementation(use_flash_attn: bool) -> str | None:
-    """'flash_attention_2' when asked for and usable; otherwise None (transformers' default, sdpa) with a warning."""
+    """'flash_attention_2' when asked for and usable; otherwise None (transformers' default) with a warning."""
     if not use_flash_attn:
         return None
     from transformers.utils import is_flash_attn_2_available
@@ -84,7 +84,8 @@ def attention_implementation(use_flash_attn: bool) -> str | None:
         return "flash_attention_2"
     logger.warning(
         "--use_flash_attn True: flash-attention 2 is not usable here (flash_attn not installed or no CUDA GPU); "
-        "falling back to transformers' default attention (sdpa). Install it with `pip install flash-attn`."
+        "falling back to transformers' default attention for this model (sdpa; eager for Gemma-2, whose score "
+        "softcapping sdpa cannot do). Install it with `pip install flash-attn`."
     )
     return None
 
