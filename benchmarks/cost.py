@@ -14,7 +14,8 @@ dispatches and counts:
   `prim` namespace, ...) and ops that touch no element (empty tensors).
 - Bytes: for each launched op, the bytes of its tensor inputs (each distinct tensor once) plus those of its tensor
   outputs. A tensor counts the elements it addresses (a broadcast dimension of stride 0 counts once); an in-place
-  op counts its destination as read and written, except copy_/fill_/zero_ (`WRITE_ONLY_OPS`), which only write it.
+  op counts its destination as read and written, except copy_/fill_/zero_ (`WRITE_ONLY_OPS`), which only write it;
+  an embedding lookup and NLL loss (`GATHER_OPS`) read only the entries they index.
   "Bytes moved by non-matmul ops" is this sum over the launched ops that are not matmul-class.
 - A roofline time: the sum over launched ops of max(FLOPs / peak FLOP/s, bytes / peak bandwidth) (matmul-class ops
   with their own input and output bytes), plus a fixed overhead per launch. Estimated tokens/s = tokens / time.
@@ -98,6 +99,8 @@ METADATA_OPS = frozenset({
 # In-place ops whose destination is written, not read.
 WRITE_ONLY_OPS = frozenset({aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default})
 EMBEDDING_OPS = frozenset({aten.embedding.default, aten.embedding_dense_backward.default})
+# Ops that read only the indexed entries of their first input (see `_unread_bytes`).
+GATHER_OPS = frozenset({aten.embedding.default, aten.nll_loss_forward.default})
 # Attention kernels whose FLOPs are halved when they run causally (they skip the masked half of the scores).
 _CAUSAL_KERNELS = frozenset({
     aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_flash_attention_backward.default,
@@ -251,6 +254,19 @@ def addressed_bytes(tensor: torch.Tensor) -> int:
     return count * tensor.element_size()
 
 
+def _unread_bytes(func, args, outputs: Sequence[torch.Tensor]) -> int:
+    """Bytes of an input that a gathering op does not read: an embedding reads only the rows it looks up, NLL loss
+    only each row's target entry (the `GATHER_OPS`); 0 for every other op."""
+    if func not in GATHER_OPS or not args or not isinstance(args[0], torch.Tensor):
+        return 0
+    table = args[0]
+    if func == aten.embedding.default:
+        read = sum(addressed_bytes(t) for t in outputs)  # the looked-up rows, as many bytes as the output
+    else:  # nll_loss_forward(self, target, ...): one entry per target
+        read = args[1].numel() * table.element_size() if isinstance(args[1], torch.Tensor) else 0
+    return max(addressed_bytes(table) - read, 0)
+
+
 def _is_causal(func, args, kwargs) -> bool:
     names = [argument.name for argument in func._schema.arguments]
     values = dict(zip(names, args))
@@ -333,6 +349,7 @@ class CostCounter(LiveStorageTracker):
         if func in WRITE_ONLY_OPS and args and isinstance(args[0], torch.Tensor):
             inputs.pop(id(args[0]), None)
         nbytes = sum(addressed_bytes(t) for t in inputs.values()) + sum(addressed_bytes(t) for t in outputs)
+        nbytes -= _unread_bytes(func, args, outputs)
         formula = self._flop_formulas.get(func.overloadpacket)
         flops = 0.0
         if formula is not None:
@@ -492,6 +509,26 @@ def breakdown(case: CaseCost) -> list[dict[str, Any]]:
     return rows
 
 
+def rate_target(method: str, grad_ckpt: bool, seq_len: int) -> float | None:
+    """Issue #9's lowest acceptable estimated rate, minis / upstream; None where it sets none (no checkpointing).
+
+    Full fine-tuning with checkpointing: 0.97 below 64K tokens, 0.98 from 64K; LoRA with checkpointing: 0.99.
+    """
+    if not grad_ckpt:
+        return None
+    if method == "lora":
+        return 0.99
+    return 0.98 if seq_len >= 65536 else 0.97
+
+
+def _target_text(row: Mapping[str, Any]) -> str:
+    target = rate_target(row["method"], row["grad_ckpt"], row["seq_len"])
+    if target is None:
+        return "-"
+    rate = row["ratios"]["tokens_per_s"]
+    return f"{target:.2f}: met" if rate >= target else f"{target:.2f}: short by {target - rate:.3f}"
+
+
 def _method_title(method: str, lora_rank: int) -> str:
     return f"LoRA r={lora_rank}" if method == "lora" else "full FT"
 
@@ -527,12 +564,15 @@ def markdown(results: Mapping[str, Any]) -> str:
         "elementwise FLOPs are not counted.",
         "- **bytes** (non-matmul): for every non-matmul op that launches a kernel, the bytes of its tensor inputs "
         "plus its tensor outputs (a broadcast dimension once; in-place ops read and write the destination, "
-        "copy_/fill_/zero_ only write it). Views and metadata ops count zero.",
+        "copy_/fill_/zero_ only write it; an embedding lookup and NLL loss read only the entries they index). Views "
+        "and metadata ops count zero.",
         "- **launches**: every aten op except views (view, transpose, expand, slice, detach, ...), allocation and "
         "metadata ops (empty, new_empty, _unsafe_view, resize_, ...) and ops on empty tensors.",
         f"- **estimated time**: the sum over launched ops of max(FLOPs / {a['peak_tflops']:g} TFLOP/s, bytes / "
         f"{a['peak_tbps']:g} TB/s), matmuls with their own input and output bytes, plus {a['launch_us']:g} µs per "
-        "launch. The rate is tokens / time; the last column is minis' estimated tokens/s over upstream's.",
+        "launch. The rate is tokens / time; \"est. rate minis/up\" is minis' estimated tokens/s over upstream's, "
+        "and \"target\" the lowest rate issue #9 accepts (with checkpointing: full fine-tuning 0.97, 0.98 from "
+        "64K tokens; LoRA 0.99; none without checkpointing).",
     ):
         lines += _paragraph(bullet, bullet=True)
     lines.append("")
@@ -547,8 +587,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines += [
         "",
         "| seq | method | GC | TFLOPs upstream | FLOPs minis/up | non-matmul GB upstream | bytes minis/up "
-        "| launches upstream | launches minis | est. ms upstream | est. ms minis | est. rate minis/up |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| launches upstream | launches minis | est. ms upstream | est. ms minis | est. rate minis/up | target |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in results["rows"]:
         up, ms, r = row["upstream"], row["minis"], row["ratios"]
@@ -557,7 +597,7 @@ def markdown(results: Mapping[str, Any]) -> str:
             f"{'on' if row['grad_ckpt'] else 'off'} | {up['flops'] / 1e12:,.1f} | x{r['flops']:.3f} | "
             f"{up['non_matmul_bytes'] / 1e9:,.1f} | x{r['non_matmul_bytes']:.2f} | {up['launches']:,.0f} | "
             f"{ms['launches']:,.0f} | {up['seconds'] * 1e3:,.0f} | {ms['seconds'] * 1e3:,.0f} | "
-            f"**{r['tokens_per_s']:.3f}** |"
+            f"**{r['tokens_per_s']:.3f}** | {_target_text(row)} |"
         )
     if results["breakdowns"]:
         lines.append("")
@@ -592,14 +632,15 @@ def text_table(results: Mapping[str, Any]) -> str:
     lines = [f"step cost model: {a['model']} ({a['num_layers']} layers), roofline {a['peak_tflops']:g} TFLOP/s, "
              f"{a['peak_tbps']:g} TB/s, {a['launch_us']:g} us/launch, optimizer {a['optimizer']}",
              f"{'seq':>6} {'method':>7} {'GC':>3} {'TFLOPs up':>10} {'FLOPs':>7} {'GB up':>8} {'bytes':>6} "
-             f"{'launch up':>10} {'launch ms':>10} {'ms up':>8} {'ms ms':>8} {'rate':>6}"]
+             f"{'launch up':>10} {'launch ms':>10} {'ms up':>8} {'ms ms':>8} {'rate':>6}  target"]
     for row in results["rows"]:
         up, ms, r = row["upstream"], row["minis"], row["ratios"]
         lines.append(f"{_seq_title(row['seq_len']):>6} {row['method']:>7} {'on' if row['grad_ckpt'] else 'off':>3} "
                      f"{up['flops'] / 1e12:>10.1f} {r['flops']:>7.3f} {up['non_matmul_bytes'] / 1e9:>8.1f} "
                      f"{r['non_matmul_bytes']:>6.2f} {up['launches']:>10,.0f} {ms['launches']:>10,.0f} "
-                     f"{up['seconds'] * 1e3:>8.0f} {ms['seconds'] * 1e3:>8.0f} {r['tokens_per_s']:>6.3f}")
-    lines.append("columns: FLOPs, bytes (non-matmul) and rate (estimated tokens/s) are minis / upstream")
+                     f"{up['seconds'] * 1e3:>8.0f} {ms['seconds'] * 1e3:>8.0f} {r['tokens_per_s']:>6.3f}  {_target_text(row)}")
+    lines.append("columns: FLOPs, bytes (non-matmul) and rate (estimated tokens/s) are minis / upstream; "
+                 "target: issue #9's lowest acceptable rate")
     return "\n".join(lines)
 
 

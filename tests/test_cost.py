@@ -51,10 +51,12 @@ def test_a_linear_layer_backward_is_two_matmuls_and_a_bias_reduction():
     assert counter.cost.total(phase="backward", matmul=False).launches >= 1  # the bias gradient's sum
 
 
-def test_elementwise_bytes_are_inputs_plus_outputs_and_views_are_free():
+def test_non_matmul_bytes_are_inputs_plus_outputs_and_views_are_free():
     a, b = torch.randn(1000), torch.randn(1000)
     one = torch.randn(1)
     empty = torch.randn(0)
+    table, ids = torch.randn(100, 8), torch.tensor([1, 5, 7, 7, 99])
+    log_probs, targets = torch.randn(4, 10).log_softmax(-1), torch.tensor([0, 3, 9, 2])
     cases = {
         "add": (lambda: a + b, 3 * 4000, 1),
         "broadcast add": (lambda: a + one.expand(1000), 4000 + 4 + 4000, 1),
@@ -63,6 +65,11 @@ def test_elementwise_bytes_are_inputs_plus_outputs_and_views_are_free():
         "views": (lambda: a.view(10, 100).t().unsqueeze(0)[:, 1:], 0, 0),
         "empty tensors": (lambda: empty + empty, 0, 0),
         "upcast": (lambda: a.to(torch.float16).float(), (4000 + 2000) + (2000 + 4000), 2),
+        # Gathers read what they index: 5 int64 ids, their 5 rows of 8 floats, and the 5 x 8 output.
+        "embedding": (lambda: torch.nn.functional.embedding(ids, table), 5 * 8 + 5 * 8 * 4 + 5 * 8 * 4, 1),
+        # 4 targets (int64), one log-probability each, and two scalar outputs (loss, total weight).
+        "nll loss": (lambda: torch.nn.functional.nll_loss(log_probs, targets, reduction="sum"), 4 * 8 + 4 * 4 + 2 * 4,
+                     1),
     }
     for name, (fn, nbytes, launches) in cases.items():
         counter = cost.CostCounter()
@@ -191,6 +198,15 @@ def test_case_cost_reports_minis_cost_over_upstream():
     assert row["ratios"]["tokens_per_s"] == pytest.approx(row["upstream"]["seconds"] / row["minis"]["seconds"])
     groups = {(r["group"], r["phase"]) for r in cost.breakdown(case)}
     assert {("mlp", "forward"), ("mlp", "recompute"), ("lm_head", "recompute"), ("attention", "forward")} <= groups
+
+
+def test_the_optimizer_step_is_counted_only_when_asked():
+    config = small_config(1)
+    without = cost.count_step(config, 32, TrainingSetup(optimizer="none"), mini_sequence=True, num_layers=1)
+    with_adamw = cost.count_step(config, 32, TrainingSetup(optimizer="adamw"), mini_sequence=True, num_layers=1)
+    assert without.total(phase="optimizer").launches == 0
+    assert with_adamw.total(phase="optimizer").launches > 0
+    assert with_adamw.total(phase="backward").launches == without.total(phase="backward").launches
 
 
 def test_ambiguous_widths_are_refused():
