@@ -6,8 +6,9 @@ backward on one unpadded batch, with the planner's undoing of transformers' trac
 so the ops are those of a real unpadded run. A `TorchDispatchMode` (`CostCounter`) sees every aten op the step
 dispatches and counts:
 
-- FLOPs of matmul-class ops (mm, addmm, bmm, baddbmm, convolutions, SDPA kernels) with the formulas of
-  `torch.utils.flop_counter`. Causal fused attention is counted as half of full attention, as a causal flash kernel
+- FLOPs of matmul-class ops (mm, addmm, bmm, baddbmm and their in-place and out= forms, convolutions, SDPA
+  kernels) with the formulas of `torch.utils.flop_counter`; every matmul runs at the one peak rate, whatever its
+  dtype (fp32 LoRA adapters or an fp32-output accumulation too). Causal fused attention is counted as half of full attention, as a causal flash kernel
   skips the masked half; elementwise FLOPs are not counted (those ops are bandwidth-bound).
 - Kernel launches: every aten op except views (ops whose outputs alias their inputs: view, transpose, expand, slice,
   detach, ...), metadata and allocation-only ops (`METADATA_OPS`: empty, new_empty, _unsafe_view, resize_, the
@@ -110,10 +111,19 @@ _CAUSAL_KERNELS = frozenset({
 })
 
 
-def _flop_registry():
+def matmul_flop_formula(func):
+    """`torch.utils.flop_counter`'s FLOP formula for a matmul-class op, or None for any other op.
+
+    In-place variants (addmm_, baddbmm_: a matmul accumulating into its output) use their out-of-place formula.
+    """
     from torch.utils.flop_counter import flop_registry
 
-    return flop_registry
+    formula = flop_registry.get(func.overloadpacket)
+    name = func.overloadpacket.__name__
+    if formula is None and name.endswith("_") and not name.endswith("__"):
+        out_of_place = getattr(aten, name[:-1], None)
+        formula = flop_registry.get(out_of_place) if out_of_place is not None else None
+    return formula
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,7 +307,7 @@ class CostCounter(LiveStorageTracker):
         self.cost = StepCost({}, tokens)
         self._module_depth = 0
         self._hooks: list = []
-        self._flop_formulas = _flop_registry()
+        self._flop_formulas: dict = {}  # op -> its FLOP formula or None, looked up once
 
     # --- module depth ---------------------------------------------------------------------------------------
     def __enter__(self):
@@ -350,7 +360,9 @@ class CostCounter(LiveStorageTracker):
             inputs.pop(id(args[0]), None)
         nbytes = sum(addressed_bytes(t) for t in inputs.values()) + sum(addressed_bytes(t) for t in outputs)
         nbytes -= _unread_bytes(func, args, outputs)
-        formula = self._flop_formulas.get(func.overloadpacket)
+        if func not in self._flop_formulas:
+            self._flop_formulas[func] = matmul_flop_formula(func)
+        formula = self._flop_formulas[func]
         flops = 0.0
         if formula is not None:
             flops = float(formula(*args, **kwargs, out_val=out))
@@ -578,7 +590,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines.append("")
     lines += _paragraph(
         "Assumptions: attention is the CUDA kernel SDPA picks for this batch (flash), called as its aten op so that "
-        "its FLOPs and its backward are counted; transformers takes the decisions of a real unpadded run (no "
+        "its FLOPs and its backward are counted; every matmul runs at the one peak rate, whatever its dtype (the fp32 "
+        "LoRA adapters too); transformers takes the decisions of a real unpadded run (no "
         "seq x seq mask), as in `minis plan`. The 1- and 2-layer counts are extrapolated to the full depth, "
         "cost(L) = c1 + (L-1)(c2 - c1). Gradient checkpointing (GC) is non-reentrant, on every decoder layer. "
         f"LoRA: PEFT, all linear layers of the decoder, rank {a['lora_rank']}, fp32 adapters (PEFT's default), "

@@ -37,6 +37,19 @@ def test_a_linear_layer_is_one_matmul_launch_of_2mnk_flops(fake):
     assert total.bytes == 4 * (4 * 8 + 16 * 8 + 16 + 4 * 16)
 
 
+def test_matmuls_accumulating_in_place_or_into_an_out_tensor_are_matmuls():
+    a, b = torch.randn(4, 8), torch.randn(8, 16)
+    accumulator = torch.zeros(4, 16)
+    counter = cost.CostCounter()
+    with counter:
+        accumulator.addmm_(a, b)
+        torch.mm(a, b, out=accumulator)
+        accumulator[None].baddbmm_(a[None], b[None])
+    matmuls = counter.cost.total(matmul=True)
+    assert (matmuls.launches, matmuls.flops) == (3, 3 * 2 * 4 * 8 * 16)
+    assert counter.cost.total(matmul=False).launches == 0
+
+
 def test_a_linear_layer_backward_is_two_matmuls_and_a_bias_reduction():
     x = torch.randn(4, 8, requires_grad=True)
     layer = torch.nn.Linear(8, 16)
