@@ -7,9 +7,8 @@ so the ops are those of a real unpadded run. A `TorchDispatchMode` (`CostCounter
 dispatches and counts:
 
 - FLOPs of matmul-class ops (mm, addmm, bmm, baddbmm and their in-place and out= forms, convolutions, SDPA
-  kernels) with the formulas of `torch.utils.flop_counter`; every matmul runs at the one peak rate, whatever its
-  dtype (fp32 LoRA adapters or an fp32-output accumulation too). Causal fused attention is counted as half of full attention, as a causal flash kernel
-  skips the masked half; elementwise FLOPs are not counted (those ops are bandwidth-bound).
+  kernels) with the formulas of `torch.utils.flop_counter`. Causal fused attention counts half of full attention,
+  as a causal flash kernel skips the masked half; elementwise FLOPs are not counted (those ops are bandwidth-bound).
 - Kernel launches: every aten op except views (ops whose outputs alias their inputs: view, transpose, expand, slice,
   detach, ...), metadata and allocation-only ops (`METADATA_OPS`: empty, new_empty, _unsafe_view, resize_, the
   `prim` namespace, ...) and ops that touch no element (empty tensors).
@@ -20,6 +19,7 @@ dispatches and counts:
   "Bytes moved by non-matmul ops" is this sum over the launched ops that are not matmul-class.
 - A roofline time: the sum over launched ops of max(FLOPs / peak FLOP/s, bytes / peak bandwidth) (matmul-class ops
   with their own input and output bytes), plus a fixed overhead per launch. Estimated tokens/s = tokens / time.
+  Every matmul runs at the one peak rate, whatever its dtype (the fp32 LoRA adapters, an fp32-output accumulation).
 
 Attention runs as the CUDA kernel that SDPA would pick (flash for an unpadded bf16 batch, via
 `minis.planner._sdpa_backend`), called as the aten op so that its FLOPs and its backward are counted; no seq x seq
@@ -31,10 +31,10 @@ Decoder layers are identical, so a step is counted with 1 and 2 layers and extra
 cost(L) = c1 + (L - 1)(c2 - c1), for every counter (tests/test_cost.py checks it against a real 3-layer count).
 Each op is also assigned to a phase (forward; recompute: backward-time ops that rerun forward work, i.e. inside a
 module's forward call or building an autograd graph, as activation checkpointing's and minis' recomputes do;
-backward: the other backward ops; optimizer) and to a group by
-the sizes it touches (see `OpGroups`), which gives the per-layer breakdown (c2 - c1) of where the FLOPs go.
+backward: the other backward ops; optimizer) and to a group by the sizes it touches (see `OpGroups`), which gives
+the per-layer breakdown (c2 - c1) of where the FLOPs and bytes go.
 
-    python benchmarks/cost.py                    # the table for Llama-3-8B shape at 8K/16K/64K (a few minutes)
+    python benchmarks/cost.py                    # the table for Llama-3-8B shape at 8K/16K/64K (about a minute)
     python benchmarks/cost.py --markdown         # the docs section, printed
     python benchmarks/cost.py --write-doc        # rewrites the "Step cost model" section of docs/benchmarks.md
     python benchmarks/cost.py --seq 8192 --methods full --grad-ckpt on --peak-tflops 989 --peak-tbps 4.8
@@ -229,7 +229,10 @@ class OpGroups:
                   "lora rank": self.lora_rank}
         widths = {name: value for name, value in widths.items() if value is not None}
         for name, value in widths.items():
-            for other, size in {**others, **{k: v for k, v in widths.items() if k != name}}.items():
+            compared = {**others, **{k: v for k, v in widths.items() if k != name}}
+            if name == "lora rank":  # the rank only groups matmuls, whose operands have no head_dim-wide dimension
+                compared.pop("head_dim")
+            for other, size in compared.items():
                 if value == size:
                     raise PlanError(f"the op groups cannot tell {name} ({value}) from {other} ({size}); choose a "
                                     "sequence length (or model) where they differ")
@@ -651,7 +654,8 @@ def text_table(results: Mapping[str, Any]) -> str:
         lines.append(f"{_seq_title(row['seq_len']):>6} {row['method']:>7} {'on' if row['grad_ckpt'] else 'off':>3} "
                      f"{up['flops'] / 1e12:>10.1f} {r['flops']:>7.3f} {up['non_matmul_bytes'] / 1e9:>8.1f} "
                      f"{r['non_matmul_bytes']:>6.2f} {up['launches']:>10,.0f} {ms['launches']:>10,.0f} "
-                     f"{up['seconds'] * 1e3:>8.0f} {ms['seconds'] * 1e3:>8.0f} {r['tokens_per_s']:>6.3f}  {_target_text(row)}")
+                     f"{up['seconds'] * 1e3:>8.0f} {ms['seconds'] * 1e3:>8.0f} {r['tokens_per_s']:>6.3f}  "
+                     f"{_target_text(row)}")
     lines.append("columns: FLOPs, bytes (non-matmul) and rate (estimated tokens/s) are minis / upstream; "
                  "target: issue #9's lowest acceptable rate")
     return "\n".join(lines)

@@ -128,6 +128,23 @@ def test_attention_runs_as_the_flash_kernel_and_causal_counts_half(is_causal):
     assert k.grad.shape == k.shape
 
 
+def test_a_masked_batch_runs_the_memory_efficient_kernel():
+    batch, heads, seq, dim = 2, 4, 32, 16
+    with FakeTensorMode():
+        q, k, v = (torch.randn(batch, heads, seq, dim, requires_grad=True) for _ in range(3))
+        mask = torch.ones(batch, 1, seq, seq, dtype=torch.bool)
+        counter = cost.CostCounter(cost.OpGroups())
+        with counter:
+            with counter.label("activations"):
+                out = cost._sdpa_as_cuda_kernel(q, k, v, attn_mask=mask)
+            with counter.label("backward"):
+                out.sum().backward()
+    forward = counter.cost.total(phase="forward", group="attention")
+    assert forward.launches == 1 and forward.flops == 4 * batch * heads * seq * seq * dim  # a mask: no skipping
+    assert counter.cost.total(phase="backward", group="attention").launches == 1
+    assert q.grad.shape == q.shape
+
+
 # --- a training step --------------------------------------------------------------------------------------------
 def small_config(layers: int, **overrides):
     # hidden 32, intermediate 88, vocab 257: distinct widths; 4 query and 2 key/value heads of 8.
@@ -230,6 +247,7 @@ def test_ambiguous_widths_are_refused():
     with pytest.raises(PlanError, match=r"lora rank \(32\).*hidden_size \(32\)"):
         cost.count_step(config, 40, TrainingSetup(method="lora", lora_rank=32, optimizer="none"),
                         mini_sequence=True, num_layers=1)
+    cost.OpGroups(vocab_size=257, intermediate_size=88, lora_rank=8).check(config, 40)  # rank = head_dim is fine
 
 
 # --- the command line and the docs section ----------------------------------------------------------------------
