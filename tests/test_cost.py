@@ -231,6 +231,26 @@ def test_case_cost_reports_minis_cost_over_upstream():
     assert {("mlp", "forward"), ("mlp", "recompute"), ("lm_head", "recompute"), ("attention", "forward")} <= groups
 
 
+def test_the_counted_step_builds_no_seq_by_seq_tensor():
+    """transformers would build a seq x seq mask on fake tensors; the counted step takes a real run's decisions."""
+    seq_len = 40
+    shapes = set()
+
+    class ShapeRecorder(cost.CostCounter):
+        def count(self, func, args, kwargs, out):
+            for tensor in torch.utils._pytree.tree_flatten((args, kwargs, out))[0]:
+                if isinstance(tensor, torch.Tensor):
+                    shapes.add(tuple(tensor.shape))
+            super().count(func, args, kwargs, out)
+
+    config = small_config(1)
+    setup = TrainingSetup(optimizer="none")
+    counter = ShapeRecorder(cost.OpGroups.for_model(config, setup))
+    step = cost.count_step(config, seq_len, setup, mini_sequence=False, num_layers=1, counter=counter)
+    assert step.total(group="attention").launches == 2  # the flash kernel, forward and backward
+    assert shapes and not [shape for shape in shapes if shape[-2:] == (seq_len, seq_len)]
+
+
 def test_the_optimizer_step_is_counted_only_when_asked():
     config = small_config(1)
     without = cost.count_step(config, 32, TrainingSetup(optimizer="none"), mini_sequence=True, num_layers=1)
