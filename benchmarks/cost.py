@@ -585,7 +585,8 @@ def markdown(results: Mapping[str, Any]) -> str:
         "metadata ops (empty, new_empty, _unsafe_view, resize_, ...) and ops on empty tensors.",
         f"- **estimated time**: the sum over launched ops of max(FLOPs / {a['peak_tflops']:g} TFLOP/s, bytes / "
         f"{a['peak_tbps']:g} TB/s), matmuls with their own input and output bytes, plus {a['launch_us']:g} µs per "
-        "launch. The rate is tokens / time; \"est. rate minis/up\" is minis' estimated tokens/s over upstream's, "
+        "launch, added rather than overlapped (a GPU hides much of it behind long kernels; `--launch-us 0` gives the "
+        "bare roofline). The rate is tokens / time; \"est. rate minis/up\" is minis' estimated tokens/s over upstream's, "
         "and \"target\" the lowest rate issue #9 accepts (with checkpointing: full fine-tuning 0.97, 0.98 from "
         "64K tokens; LoRA 0.99; none without checkpointing).",
     ):
