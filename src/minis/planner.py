@@ -622,8 +622,12 @@ def _sim_config(config, num_layers: int, mini_sequence: bool):
 
 
 def simulate_step(config, seq_len: int, setup: TrainingSetup, *, mini_sequence: bool, num_layers: int | None = None,
-                  attention_memory: str = "cuda") -> StepTimeline:
-    """One training step of `config` (with `num_layers` decoder layers) on fake tensors, tracked."""
+                  attention_memory: str = "cuda", tracker: LiveStorageTracker | None = None) -> StepTimeline:
+    """One training step of `config` (with `num_layers` decoder layers) on fake tensors, tracked.
+
+    `tracker`: the tracker to run the step under (a subclass can count more than memory, as the step cost model in
+    benchmarks/cost.py does); a new `LiveStorageTracker` by default.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     config = _sim_config(config, num_layers or config.num_hidden_layers, mini_sequence)
@@ -633,7 +637,7 @@ def simulate_step(config, seq_len: int, setup: TrainingSetup, *, mini_sequence: 
         with fake_mode:
             optimizer = make_optimizer(model, setup)
             batch = make_batch(config, seq_len, setup.batch_size)
-            tracker = LiveStorageTracker()
+            tracker = tracker if tracker is not None else LiveStorageTracker()
             timeline = run_training_step(model, batch, setup, tracker, optimizer)
     timeline.info = _model_info(model, setup)
     return timeline
