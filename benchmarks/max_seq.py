@@ -170,8 +170,23 @@ def write_doc(results, images) -> None:
             .replace("{{GPU_MEM}}", results["gpu_mem"])
             .replace("{{GRANULARITY}}", str(results["granularity"]))
             .replace("{{RUNTIME}}", f"{minutes:.0f} minutes with {results['jobs']} worker processes"))
+    text = text.rstrip("\n") + "\n" + _step_cost_section()
     with open(DOC, "w", encoding="utf-8") as handle:
         handle.write(text)
+
+
+def _step_cost_section() -> str:
+    """The section `benchmarks/cost.py --write-doc` keeps in the same page, carried over unchanged (or nothing)."""
+    from cost import DOC_BEGIN, DOC_END  # benchmarks/ is the script directory, so on sys.path
+
+    if not os.path.exists(DOC):
+        return ""
+    with open(DOC, encoding="utf-8") as handle:
+        page = handle.read()
+    start, stop = page.find(DOC_BEGIN), page.find(DOC_END)
+    if start < 0 or stop < 0:
+        return ""
+    return "\n" + page[start : stop + len(DOC_END)] + "\n"
 
 
 def main(argv=None) -> int:
