@@ -370,3 +370,41 @@ def test_vmap_jvp_and_per_sample_grads_run_unchunked_with_one_warning():
     got_grads = per_sample_grads(True)
     for name, expected_grad in expected_grads.items():
         assert relative_error(got_grads[name], expected_grad) < 1e-5, name
+
+
+def test_compiled_fullgraph_training_step_matches_eager():
+    """torch.compile cannot trace the chunked function; compiled modules run upstream's code, with one warning.
+
+    The `aot_eager` backend traces and partitions forward and backward as inductor does, without generating code.
+    """
+    from minis import _hook
+
+    model = make_model("llama")
+    batch = random_batch(seq=21)
+    eager_out, eager_grads = training_step(model, True, **batch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    _hook._warned.discard("torch-compile")
+    with pytest.warns(RuntimeWarning, match="torch.compile is tracing"):
+        compiled_out, compiled_grads = training_step(compiled, True, **batch)
+    assert relative_error(compiled_out.loss, eager_out.loss) < 1e-5
+    for name, grad in eager_grads.items():
+        assert relative_error(compiled_grads["_orig_mod." + name], grad) < 1e-5, name
+
+
+def test_flop_counter_with_its_module_tracker():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = make_model("qwen2")
+    batch = random_batch(seq=21)
+    totals = {}
+    for minis_on in (False, True):
+        model.config.use_mini_sequence = minis_on
+        model.zero_grad(set_to_none=True)
+        with FlopCounterMode(display=False) as counter:
+            model(**batch).loss.backward()
+        totals[minis_on] = counter.get_total_flops()
+        per_module = counter.get_flop_counts()
+        assert any("mlp" in name for name in per_module), sorted(per_module)
+    # minis recomputes each chunk's forward in the backward: more FLOPs, never fewer.
+    assert totals[False] < totals[True] < 2 * totals[False]

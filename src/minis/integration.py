@@ -66,7 +66,11 @@ def _mini_sequence_mlp_forward(upstream_forward):
         config = self.config
         if args or kwargs or not minis_config.use_mini_sequence(config) or getattr(x, "dim", lambda: 0)() < 2:
             return upstream_forward(self, x, *args, **kwargs)
-        if _holds_sequence_dependent_adapter(self) or _under_functorch_transform_other_than_grad(self):
+        if (
+            _compiling()
+            or _holds_sequence_dependent_adapter(self)
+            or _under_functorch_transform_other_than_grad(self)
+        ):
             return upstream_forward(self, x)
         agree_across_ranks = _needs_rank_agreement(self)
         if agree_across_ranks is None:
@@ -129,6 +133,31 @@ def _under_functorch_transform_other_than_grad(module) -> bool:
         f"chunked modules, and runs {type(module).__name__} and the other chunked modules unchunked under this "
         "transform, as upstream does.",
     )
+    return True
+
+
+_COMPILE_MESSAGE = (
+    "minis: torch.compile is tracing minis' modules; its chunked functions cannot be compiled yet, so compiled MLPs "
+    "and LM heads run upstream's code (same numbers, no mini-sequence memory saving). Run eagerly, or compile "
+    "only other parts of the model, to keep the saving."
+)
+
+
+def _warn_compiled(ctx) -> None:
+    # Runs in Dynamo while it traces (see `_compiling`); a comptime function may not close over variables.
+    warn_once("torch-compile", _COMPILE_MESSAGE)
+
+
+def _compiling() -> bool:
+    """Whether `torch.compile` is tracing; the chunked autograd function cannot be traced, so modules run upstream's
+    code there (compiled, and equal to upstream, without the mini-sequence memory saving)."""
+    import torch
+
+    if not torch.compiler.is_compiling():
+        return False
+    from torch._dynamo.comptime import comptime
+
+    comptime(_warn_compiled)  # Dynamo cannot trace `warnings.warn`; comptime warns while it traces
     return True
 
 
@@ -215,7 +244,11 @@ def _mini_sequence_causal_lm_forward(upstream_forward):
         keeps_all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
         if labels is None or not keeps_all_logits or not _uses_default_causal_lm_loss(self):
             return upstream_forward(self, *args, **kwargs)
-        if _holds_sequence_dependent_adapter(self.lm_head) or _under_functorch_transform_other_than_grad(self):
+        if (
+            _compiling()
+            or _holds_sequence_dependent_adapter(self.lm_head)
+            or _under_functorch_transform_other_than_grad(self)
+        ):
             return upstream_forward(self, *args, **kwargs)
         agree_across_ranks = _needs_rank_agreement(self.lm_head)
         if agree_across_ranks is None:

@@ -120,6 +120,9 @@ class _ChunkedRun:
         """Runs every chunk; `params`, when given, stand in for the module's parameters (functorch passes
         unwrapped ones). An unreplayable random op puts the generators back as they were before it raises."""
         swapped = contextlib.nullcontext() if params is None or self.zero3 else _parameters_swapped(self.slots, params)
+        # No graph is built here; a detached input keeps hooks that inspect autograd state (FlopCounterMode's module
+        # tracker) from meeting views that require grad but have no grad_fn.
+        x = x.detach()
         try:
             with swapped:
                 outputs = [
@@ -218,7 +221,10 @@ def _chunkwise_backward(ctx, run: _ChunkedRun, x: torch.Tensor, grad_output: tor
     with grad_mode, autocast:
         for start, stop in run.bounds:
             inputs = run.chunk_inputs(x, start, stop)
-            x_chunk = inputs[0].detach().requires_grad_(needs_x)
+            x_leaf = inputs[0].detach().requires_grad_(needs_x)
+            # The chunk sees a view of the leaf, not the leaf: hooks that watch a module's inputs in the backward
+            # (FlopCounterMode's module tracker) cannot be registered on a leaf inside `autograd.grad`.
+            x_chunk = x_leaf.view_as(x_leaf) if needs_x else x_leaf
             if run.zero3:
                 # ZeRO-3's module hooks gather a submodule's partitioned parameters when a chunk calls it, and
                 # they only know the real parameters, so no aliases here. `torch.autograd.grad` captures the
@@ -233,7 +239,7 @@ def _chunkwise_backward(ctx, run: _ChunkedRun, x: torch.Tensor, grad_output: tor
                 swapped = _parameters_swapped(run.slots, aliases)
             with swapped:
                 output = run.run_chunk([x_chunk, *inputs[1:]], start, stop, draw=False)
-            wanted = ([x_chunk] if needs_x else []) + [a for a, needed in zip(aliases, param_needs) if needed]
+            wanted = ([x_leaf] if needs_x else []) + [a for a, needed in zip(aliases, param_needs) if needed]
             if not wanted or not output.requires_grad:
                 continue
             chunk_grad = grad_output if run.reduce == "sum" else grad_output.narrow(run.seq_dim, start, stop - start)
