@@ -323,3 +323,34 @@ def test_xlora_runs_its_modules_unchunked(tmp_path):
         return wrapped
 
     assert_same_step_as_upstream(make, "X-LoRA")
+
+
+def _other_adapters():
+    import peft
+
+    mlp_and_attention = ["gate_proj", "up_proj", "down_proj", "q_proj", "v_proj"]
+    mlp = ["gate_proj", "up_proj", "down_proj"]
+    return {
+        "ia3": (lambda: peft.IA3Config(target_modules=mlp_and_attention, feedforward_modules=mlp), None),
+        "vera": (lambda: peft.VeraConfig(r=4, target_modules=["gate_proj", "up_proj"], vera_dropout=0.1), None),
+        "adalora": (lambda: peft.AdaLoraConfig(r=4, target_modules=mlp_and_attention, total_step=10,
+                                               lora_dropout=0.1), None),
+        "oft": (lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=mlp, module_dropout=0.1), None),
+        "lokr": (lambda: peft.LoKrConfig(r=4, target_modules=mlp_and_attention, rank_dropout=0.1,
+                                         module_dropout=0.1), "draws random numbers"),
+        "ln_tuning": (lambda: peft.LNTuningConfig(target_modules=["norm"]), None),
+        "prompt_tuning": (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5), None),
+        "prefix_tuning": (lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5), None),
+        "fourierft": (lambda: peft.FourierFTConfig(target_modules=["gate_proj", "up_proj"], n_frequency=16), None),
+        "hra": (lambda: peft.HRAConfig(r=4, target_modules=["gate_proj", "up_proj"]), None),
+        "lora_on_head_and_embeddings": (lambda: peft.LoraConfig(r=4, target_modules=["lm_head", "embed_tokens",
+                                                                                      "down_proj"],
+                                                                lora_dropout=0.2, init_lora_weights=False), None),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_other_adapters()))
+def test_other_peft_adapters_match_upstream(name):
+    """The adapter zoo beyond LoRA: same loss and gradients, and a warning only where a module runs unchunked."""
+    make_config, warning = _other_adapters()[name]
+    assert_same_step_as_upstream(lambda on: adapted_model(on, make_config()), warning)
