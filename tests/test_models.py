@@ -334,12 +334,12 @@ def test_vmap_jvp_and_per_sample_grads_run_unchunked_with_one_warning():
     """Batching and forward-mode transforms cannot go through the chunked autograd function; upstream's path runs."""
     from torch.func import functional_call, grad, jvp, vmap
 
-    from minis import _hook
+    from minis import _warn
 
     model = make_model("llama", attn_implementation="eager")  # SDPA on CPU has no forward-mode derivative
     ids = random_batch(batch_size=3, seq=16)["input_ids"]
     params = {name: p.detach() for name, p in model.named_parameters()}
-    _hook._warned.discard("functorch-transform")
+    _warn._warned.discard("functorch-transform")
 
     def per_example_loss(values, row):
         row = row.unsqueeze(0)
@@ -377,14 +377,14 @@ def test_compiled_fullgraph_training_step_matches_eager():
 
     The `aot_eager` backend traces and partitions forward and backward as inductor does, without generating code.
     """
-    from minis import _hook
+    from minis import _warn
 
     model = make_model("llama")
     batch = random_batch(seq=21)
     eager_out, eager_grads = training_step(model, True, **batch)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    _hook._warned.discard("torch-compile")
+    _warn._warned.discard("torch-compile")
     with pytest.warns(RuntimeWarning, match="torch.compile is tracing"):
         compiled_out, compiled_grads = training_step(compiled, True, **batch)
     assert relative_error(compiled_out.loss, eager_out.loss) < 1e-5

@@ -174,9 +174,9 @@ def test_activated_lora_on_mlp_turns_minis_off_with_one_warning(monkeypatch):
     """aLoRA applies its adapter to the tokens from the invocation to the end of the *sequence*; inside a chunk a
     layer would count from the chunk's end. minis runs every module holding an active aLoRA adapter unchunked and
     warns once; the result is exactly upstream's."""
-    from minis import _hook
+    from minis import _warn
 
-    monkeypatch.setattr(_hook, "_warned", set())
+    monkeypatch.setattr(_warn, "_warned", set())
     alora = dict(alora_invocation_tokens=[7, 8], lora_dropout=0.0)
     data = alora_batch()
     on, off = peft_model(True, **alora), peft_model(False, **alora)
@@ -210,9 +210,9 @@ def test_activated_lora_on_mlp_turns_minis_off_with_one_warning(monkeypatch):
 
 def test_activated_lora_on_attention_only_keeps_minis_on(monkeypatch):
     """aLoRA on the attention projections only: the chunked MLPs hold no aLoRA, so they stay chunked and exact."""
-    from minis import _hook
+    from minis import _warn
 
-    monkeypatch.setattr(_hook, "_warned", set())
+    monkeypatch.setattr(_warn, "_warned", set())
     alora = dict(alora_invocation_tokens=[7, 8], lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"])
     data = alora_batch()
     with warnings.catch_warnings(record=True) as caught:
@@ -241,7 +241,7 @@ def adapted_model(minis_on: bool, peft_config, family: str = "llama"):
 
 def assert_same_step_as_upstream(make, warning_match: str | None):
     """One seeded step with minis on and off: same loss and gradients; `warning_match` names the one warning."""
-    from minis import _hook
+    from minis import _warn
 
     def step(wrapped):
         torch.manual_seed(1234)
@@ -251,7 +251,7 @@ def assert_same_step_as_upstream(make, warning_match: str | None):
         grads = {name: p.grad for name, p in wrapped.named_parameters() if p.requires_grad}
         return loss.detach(), grads, dict(counts)
 
-    _hook._warned.clear()
+    _warn._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loss_on, grads_on, counts_on = step(make(True))

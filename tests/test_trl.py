@@ -139,7 +139,7 @@ def test_older_trl_that_reads_logits(tmp_path, monkeypatch):
     from framework_helpers import pad_collator, token_dataset
     from transformers import Trainer, TrainingArguments
 
-    from minis import _hook
+    from minis import _warn
 
     class LegacySFTTrainer(Trainer):
         """TRL 0.24's `SFTTrainer.compute_loss`, reduced to what touches the model outputs."""
@@ -158,7 +158,7 @@ def test_older_trl_that_reads_logits(tmp_path, monkeypatch):
                 self.accuracies.append((correct.sum() / mask.sum()).item())
             return (loss, outputs) if return_outputs else loss
 
-    monkeypatch.setattr(_hook, "_warned", set())
+    monkeypatch.setattr(_warn, "_warned", set())
     results = {}
     for minis_on in (True, False):
         net = model("llama")

@@ -16,17 +16,10 @@ This module imports neither torch nor transformers: it is imported at every inte
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "disable", "enable", "is_active", "is_enabled"]
-
-
-def _switched_off() -> bool:
-    from ._autoload import OFF_VALUES
-
-    return os.environ.get("MINIS", "1").strip().lower() in OFF_VALUES
 
 
 def enable() -> bool:
@@ -45,7 +38,9 @@ def enable() -> bool:
     from ._hook import install, transformers_version_problem
     from .integration import FAMILIES, patch_modeling_module
 
-    if _switched_off():
+    from ._switch import minis_switched_on
+
+    if not minis_switched_on():
         warnings.warn("minis: MINIS=0 is set, so minis.enable() leaves models as upstream defines them", RuntimeWarning)
         return False
     problem = transformers_version_problem()

@@ -3,24 +3,14 @@
 It must never break start-up: every failure becomes a warning.
 """
 
-import os
 import warnings
-
-OFF_VALUES = ("0", "false", "off", "no")
-ON_VALUES = ("", "1", "true", "on", "yes")
 
 
 def _main() -> None:
-    value = os.environ.get("MINIS", "1").strip().lower()
-    if value in OFF_VALUES:
+    from minis._switch import minis_switched_on
+
+    if not minis_switched_on(warn_unknown=True):
         return
-    if value not in ON_VALUES:
-        warnings.warn(
-            f"minis: MINIS={os.environ['MINIS']!r} is not understood; use MINIS=0 to turn minis off "
-            "(1, or unset, for on). minis stays on.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
     from minis._hook import install
 
     install()

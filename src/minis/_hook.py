@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import importlib.abc
 import sys
-import warnings
+
+from ._warn import warn_once
 
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def installed_transformers_version() -> str | None:

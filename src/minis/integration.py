@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import config as minis_config
-from ._hook import warn_once
+from ._warn import warn_once
 from .peft_compat import sequence_dependent_adapter
 
 __all__ = ["FAMILIES", "Family", "patch_configuration_module", "patch_modeling_module", "unpatch_family"]
