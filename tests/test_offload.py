@@ -1,0 +1,465 @@
+"""Checkpoint offload (`minis.ops.offload`, `minis.checkpoint_offload`): same numbers, the checkpoints really move.
+
+This machine has no accelerator, so the offloader takes its stream-less path: the same pool, groups, kept last
+layer, prefetch and restore, with plain copies into unpinned host buffers. What the tests prove:
+
+- Loss and every gradient with offload on (through transformers' own switch, and through
+  `config.mini_sequence_offload`) and off equal upstream's (`use_mini_sequence=False`, no checkpointing, no
+  offload) within 1e-5 relative in fp32, for every family, reentrant and non-reentrant checkpointing, LoRA with
+  dropout (reentrant with frozen input embeddings included), Trainer, and two-process DDP.
+- The saved hidden states leave and come back: the offloader counts the bytes it copied out and in, and the
+  original tensors are freed while their copies wait on the host.
+- The memory the tracker attributes to the compute device drops by the checkpoints it no longer holds (see
+  `test_device_peak_drops_by_the_offloaded_checkpoints` for exactly what is compared).
+
+This file is also the worker of its DDP test: `python tests/test_offload.py ddp OUT_DIR` runs one rank.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import warnings
+import weakref
+
+import pytest
+import torch
+from helpers import relative_error
+
+from minis import _hook
+from minis.checkpoint_offload import offloader_of
+from minis.memory import LiveStorageTracker, measure_training_step_peak
+from minis.ops.offload import CheckpointOffloader, HostBufferPool
+from minis.testing import FAMILY_NAMES, tiny_model
+
+TOLERANCE = 1e-5
+LAYERS = 3
+SEQ = 50
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(family, **overrides):
+    overrides.setdefault("attn_implementation", "eager" if family == "gemma2" else "sdpa")
+    overrides.setdefault("mini_sequence_chunk_size", 7)
+    overrides.setdefault("mini_sequence_loss_chunk_size", 11)
+    overrides.setdefault("num_hidden_layers", LAYERS)
+    return tiny_model(family, **overrides).train()
+
+
+def random_batch(batch_size=2, seq=SEQ, vocab=257, seed=0):
+    ids = torch.randint(3, vocab, (batch_size, seq), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def loss_and_grads(model, batch, seed=1234):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(actual, expected):
+    loss, grads = actual
+    expected_loss, expected_grads = expected
+    assert relative_error(loss, expected_loss) < TOLERANCE
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        assert relative_error(grads[name], grad) < TOLERANCE, name
+
+
+def hidden_bytes(model, batch):
+    ids = batch["input_ids"]
+    return ids.numel() * model.config.hidden_size * 4
+
+
+# --- the op on its own ---------------------------------------------------------------------------------------
+class Blocks(torch.nn.Module):
+    def __init__(self, count=4, width=64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh()) for _ in range(count)
+        )
+
+    def forward(self, x, offloader=None, reentrant=False, keep=None):
+        from torch.utils.checkpoint import checkpoint
+
+        h = x * 2  # not a leaf, so nothing but the checkpoint holds the block inputs
+        for block in self.blocks:
+            if keep is not None:
+                keep.append(weakref.ref(h))
+            if offloader is None:
+                h = checkpoint(block, h, use_reentrant=reentrant)
+            else:
+                with offloader.layer():
+                    h = checkpoint(block, h, use_reentrant=reentrant)
+        return h.pow(2).sum()
+
+
+def op_grads(model, x, **kwargs):
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    model(x, **kwargs).backward()
+    return [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_op_moves_all_but_the_last_layer_and_restores_them(reentrant):
+    model, x = Blocks(), torch.randn(8, 64, requires_grad=True)
+    expected = op_grads(model, x, reentrant=reentrant)
+    offloader = CheckpointOffloader()
+    for step in range(2):
+        actual = op_grads(model, x, offloader=offloader, reentrant=reentrant)
+        for a, e in zip(actual, expected):
+            assert torch.equal(a, e)  # copies are exact: the same kernels run on the same values
+    block_input = 8 * 64 * 4
+    assert offloader.bytes_offloaded == offloader.bytes_restored == 2 * 3 * block_input
+    assert offloader.tensors_offloaded == 2 * 3 and offloader.tensors_kept == 2
+    assert offloader.bytes_kept == 2 * block_input
+    pool = offloader.pools[None]
+    assert pool.allocations == 3, "the second step reuses the first step's host buffers"
+    assert pool.in_use_bytes == 0 and offloader.host_bytes_in_use == 0, "autograd released every saved tensor"
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_op_frees_the_originals_while_their_copies_are_on_the_host(reentrant):
+    model, x = Blocks(), torch.randn(8, 64, requires_grad=True)
+    for offloader, alive_expected in ((None, [True] * 4), (CheckpointOffloader(), [False, False, False, True])):
+        inputs = []
+        loss = model(x, offloader=offloader, reentrant=reentrant, keep=inputs)
+        gc.collect()
+        assert [ref() is not None for ref in inputs] == alive_expected
+        if offloader is not None:
+            assert offloader.host_bytes_in_use == 3 * 4096  # three 2 KiB inputs, in 4 KiB size classes
+        loss.backward()
+
+
+def test_op_supports_retain_graph():
+    model, x = Blocks(), torch.randn(8, 64, requires_grad=True)
+    expected = op_grads(model, x)
+    offloader = CheckpointOffloader()
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    loss = model(x, offloader=offloader)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert torch.allclose(x.grad, 2 * expected[0])
+    assert offloader.bytes_restored == 2 * offloader.bytes_offloaded
+
+
+def test_op_leaves_parameters_and_small_tensors_alone():
+    offloader = CheckpointOffloader(min_offload_bytes=1024)
+    weight = torch.nn.Parameter(torch.randn(64, 64))
+    small = torch.randn(4, requires_grad=True)
+    with offloader.layer():
+        out = (small * 3).sum() + (torch.randn(2, 64) @ weight).sum()
+    with offloader.layer():
+        pass
+    out.backward()
+    assert offloader.tensors_offloaded == 0
+
+
+def test_pool_reuses_size_classes_and_stays_bounded():
+    pool = HostBufferPool(pin_memory=False)
+    first = pool.acquire(5000)
+    assert first.numel() >= 5000 and first.numel() <= 5000 * 9 // 8 + 4096
+    pool.release(first)
+    assert pool.acquire(5100) is first  # same size class
+    pool.release(first)
+    larger = pool.acquire(100_000)  # a new size: the idle buffer is freed, the pool holds one step's worth
+    assert pool.held_bytes == larger.numel() == pool.peak_in_use_bytes
+    capped = HostBufferPool(pin_memory=False, max_held_bytes=0)
+    capped.release(capped.acquire(10_000))
+    assert capped.held_bytes == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
+def test_bad_settings_name_the_value(bad):
+    with pytest.raises(ValueError, match="min_offload_bytes"):
+        CheckpointOffloader(min_offload_bytes=bad)
+    with pytest.raises(ValueError, match="max_held_bytes"):
+        HostBufferPool(pin_memory=False, max_held_bytes=bad)
+
+
+# --- transformers models -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_family_matches_upstream_with_offload_on_and_off(family, reentrant):
+    batch = random_batch()
+    expected = loss_and_grads(make_model(family, use_mini_sequence=False), batch)
+    for offload in (False, True):
+        model = make_model(family)
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": reentrant}, offload=offload
+        )
+        assert_same(loss_and_grads(model, batch), expected)
+        offloader = offloader_of(model)
+        assert offloader is not None
+        moved = (LAYERS - 1) * hidden_bytes(model, batch) if offload else 0
+        assert offloader.bytes_offloaded == offloader.bytes_restored == moved
+        assert offloader.bytes_kept == (hidden_bytes(model, batch) if offload else 0)
+
+
+def test_config_attribute_turns_offload_on_and_off_without_the_script():
+    batch = random_batch()
+    expected = loss_and_grads(make_model("llama", use_mini_sequence=False), batch)
+    model = make_model("llama", mini_sequence_offload=True)
+    model.gradient_checkpointing_enable()  # the deprecated alias, no offload argument
+    assert_same(loss_and_grads(model, batch), expected)
+    offloader = offloader_of(model)
+    assert offloader.bytes_offloaded == (LAYERS - 1) * hidden_bytes(model, batch)
+    model.config.mini_sequence_offload = False  # read at every call
+    offloader.reset_counters()
+    assert_same(loss_and_grads(model, batch), expected)
+    assert offloader.bytes_offloaded == 0
+
+
+def test_every_n_layers_offloads_only_checkpointed_layers():
+    batch = random_batch()
+    expected = loss_and_grads(make_model("llama", use_mini_sequence=False, num_hidden_layers=4), batch)
+    model = make_model("llama", num_hidden_layers=4)
+    model.activation_checkpointing_enable(every_n_layers=2, offload=True)
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False, True, False]
+    assert_same(loss_and_grads(model, batch), expected)
+    offloader = offloader_of(model)
+    # Layers 0 and 2 are checkpointed: layer 0's input goes to the host, layer 2's (the last) stays.
+    assert offloader.bytes_offloaded == offloader.bytes_kept == hidden_bytes(model, batch)
+
+
+def test_offload_without_checkpointing_warns_what_to_set(monkeypatch):
+    monkeypatch.setattr(_hook, "_warned", set())
+    model = make_model("llama", mini_sequence_offload=True)
+    with pytest.warns(RuntimeWarning, match=r"checkpointing is off.*activation_checkpointing_enable\(\)"):
+        loss_and_grads(model, random_batch())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_model("llama").eval()(**random_batch())  # no offload asked for, or not training: no warning
+    model.activation_checkpointing_enable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        loss_and_grads(model, random_batch())
+
+
+def test_minis_off_at_enable_time_is_upstream_exactly():
+    model = make_model("llama", use_mini_sequence=False)
+    model.activation_checkpointing_enable()
+    assert offloader_of(model) is None
+    model.activation_checkpointing_disable()
+    assert not any(layer.gradient_checkpointing for layer in model.model.layers)
+
+
+def test_disable_removes_the_offloading_wrappers():
+    model = make_model("llama")
+    model.activation_checkpointing_enable(offload=True)
+    assert offloader_of(model) is not None
+    model.activation_checkpointing_disable()
+    assert offloader_of(model) is None
+    assert not any(layer.gradient_checkpointing for layer in model.model.layers)
+
+
+def test_minis_disable_restores_upstream_enable():
+    import minis
+    from transformers import LlamaPreTrainedModel, PreTrainedModel
+
+    minis.disable()
+    try:
+        for name in ("_activation_checkpointing_enable", "gradient_checkpointing_enable"):
+            assert name not in LlamaPreTrainedModel.__dict__
+        assert hasattr(PreTrainedModel, "_activation_checkpointing_enable")
+    finally:
+        minis.enable()
+    assert "_activation_checkpointing_enable" in LlamaPreTrainedModel.__dict__
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_lora_with_dropout_and_frozen_embeddings(reentrant):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    def lora(minis_on, checkpointing):
+        model = make_model("llama", use_mini_sequence=minis_on)
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False, task_type="CAUSAL_LM",
+                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"])
+        wrapped = get_peft_model(model, config)
+        if checkpointing:
+            # Frozen embeddings: reentrant checkpointing needs enable_input_require_grads, which the switch calls.
+            wrapped.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": reentrant}, offload=True
+            )
+        return wrapped.train()
+
+    batch = random_batch()
+    expected = loss_and_grads(lora(False, False), batch)
+    model = lora(True, True)
+    assert_same(loss_and_grads(model, batch), expected)
+    assert any("lora_A" in name for name in expected[1])
+    assert offloader_of(model).bytes_offloaded == (LAYERS - 1) * hidden_bytes(model, batch)
+    # The masks matter: another dropout seed changes the gradients.
+    other = loss_and_grads(lora(False, False), batch, seed=99)
+    assert max(relative_error(other[1][name], grad) for name, grad in expected[1].items()) > 1e-3
+
+
+# --- memory --------------------------------------------------------------------------------------------------
+MEMORY_LAYERS, MEMORY_SEQ, MEMORY_HIDDEN = 8, 2048, 64
+
+
+def device_and_host_peak(offload: bool, reentrant: bool):
+    """(device bytes at the peak, host-buffer bytes at the peak, one checkpoint's bytes) of one training step.
+
+    The tracker counts every storage; after the step, the offloader's host buffers (idle in its pool by then, so
+    still alive) are relabelled "host", which relabels them at the peak too. "Device" is everything else.
+    """
+    model = tiny_model("llama", hidden_size=MEMORY_HIDDEN, intermediate_size=256, vocab_size=512,
+                       num_hidden_layers=MEMORY_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=MEMORY_SEQ, attn_implementation="sdpa").train()
+    # Frozen layers (no parameter gradients: activations decide the peak) under a trainable embedding, whose output
+    # is then not a leaf: a frozen embedding's output is made a leaf by enable_input_require_grads, and its
+    # AccumulateGrad node keeps the first layer's input alive whatever holds the checkpoint.
+    model.requires_grad_(False)
+    model.model.embed_tokens.weight.requires_grad_(True)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant},
+                                          offload=offload)
+    ids = torch.randint(0, 512, (1, MEMORY_SEQ), generator=torch.Generator().manual_seed(0))
+    tracker = LiveStorageTracker()
+    measure_training_step_peak(model, {"input_ids": ids, "labels": ids}, tracker=tracker)
+    offloader = offloader_of(model)
+    if offload:
+        assert offloader.host_bytes_in_use == 0
+        tracker.relabel(offloader.host_buffers(), "host")
+    breakdown = tracker.breakdown_at_peak()
+    host = breakdown.pop("host", 0)
+    return sum(breakdown.values()), host, MEMORY_SEQ * MEMORY_HIDDEN * 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_device_peak_drops_by_the_offloaded_checkpoints(reentrant):
+    """Without offload, the peak (the last layer's backward) holds all 8 layer inputs. With offload, the device
+    holds two at any time (the layer whose backward runs and the prefetched previous one; at the last layer, the
+    kept input and the prefetched one), and the other 7 wait in host buffers: the device peak drops by 6
+    checkpoints and the host holds 7 at the peak. On this CPU both are the same RAM; on a GPU the first is what
+    `torch.cuda.max_memory_allocated` would see."""
+    device_off, host_off, checkpoint_bytes = device_and_host_peak(False, reentrant)
+    device_on, host_on, _ = device_and_host_peak(True, reentrant)
+    assert host_off == 0
+    assert host_on == (MEMORY_LAYERS - 1) * checkpoint_bytes  # 512 KiB is its own size class
+    drop = device_off - device_on
+    assert drop == pytest.approx((MEMORY_LAYERS - 2) * checkpoint_bytes, abs=0.1 * checkpoint_bytes)
+
+
+# --- Trainer -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", ["activation_checkpointing", "gradient_checkpointing"])
+def test_trainer_with_offload_matches_upstream(tmp_path, switch):
+    from framework_helpers import comparison_args, max_relative_difference, model, pad_collator, token_dataset
+    from transformers import Trainer, TrainingArguments
+
+    def train(minis_on: bool, **args):
+        net = model("llama", num_hidden_layers=LAYERS)
+        net.config.use_mini_sequence = minis_on
+        trainer = Trainer(
+            model=net,
+            args=TrainingArguments(**comparison_args(tmp_path / str(minis_on), **args)),
+            train_dataset=token_dataset(16, 20, 48),
+            data_collator=pad_collator,
+        )
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return net, losses, {name: p.detach().clone() for name, p in net.named_parameters()}
+
+    # Upstream's own offload needs an accelerator (`pin_memory=True`), so the reference runs without it.
+    _, losses_off, weights_off = train(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated gradient_checkpointing* arguments
+        net, losses_on, weights_on = train(True, **{switch: True, f"{switch}_kwargs": {"offload": True}})
+    assert all(layer.gradient_checkpointing for layer in net.model.layers)
+    assert offloader_of(net).bytes_offloaded > 0
+    torch.testing.assert_close(torch.tensor(losses_on), torch.tensor(losses_off), rtol=1e-5, atol=0)
+    assert max_relative_difference(weights_on, weights_off) < 1e-5
+
+
+# --- DDP -----------------------------------------------------------------------------------------------------
+@pytest.mark.multiprocess
+def test_ddp_with_offload_matches_one_process(tmp_path):
+    from framework_helpers import REPO_ROOT, free_port, max_relative_difference
+
+    sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
+    import distributed_worker
+
+    port, processes = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        processes.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "ddp", str(tmp_path)], env=env,
+                                          cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [process.communicate(timeout=180)[0] for process in processes]
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        pytest.fail("the DDP ranks did not finish within 180 s")
+    for rank, (process, output) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
+    reference = distributed_worker.reference_run("llama", world_size=2, num_hidden_layers=LAYERS)
+    for rank in range(2):
+        result = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
+        assert result["bytes_offloaded"] > 0 and result["bytes_restored"] == result["bytes_offloaded"]
+        assert max_relative_difference(result["state"], reference["state"]) < 1e-5
+        torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5,
+                                   atol=0)
+
+
+def _ddp_rank(out_dir: str) -> None:
+    """One rank of `test_ddp_with_offload_matches_one_process` (DDP over gloo, offloaded checkpoints)."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import distributed_worker as worker
+
+    import minis
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    minis.enable()
+    model = worker.make_model("llama", num_hidden_layers=LAYERS)
+    model.activation_checkpointing_enable(offload=True)
+    model.train()
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=worker.LR)
+    ids = worker.rank_batch(worker.global_batch(model.config.vocab_size), rank, world_size)
+    losses = []
+    for _ in range(worker.STEPS):
+        optimizer.zero_grad()
+        loss = ddp(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world_size)
+    offloader = offloader_of(model)
+    torch.save({"losses": losses, "state": model.state_dict(), "bytes_offloaded": offloader.bytes_offloaded,
+                "bytes_restored": offloader.bytes_restored}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["ddp"] or len(sys.argv) != 3:
+        raise SystemExit(f"usage: python {sys.argv[0]} ddp OUT_DIR")
+    _ddp_rank(sys.argv[2])
