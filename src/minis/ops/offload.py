@@ -50,6 +50,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -146,17 +147,18 @@ class HostBufferPool:
 
 def _streams_of(device: torch.device):
     """The device module when `device` is an accelerator with streams and events (CUDA, ROCm, XPU), else None."""
-    if device.type == "cpu":
-        return None
+    return None if device.type == "cpu" else _stream_module(device.type)
+
+
+@functools.cache
+def _stream_module(device_type: str):
     try:
-        module = torch.get_device_module(device.type)
+        module = torch.get_device_module(device_type)
     except (RuntimeError, AttributeError):
         return None
-    needed = ("Stream", "current_stream", "stream", "Event")
-    if not all(hasattr(module, name) for name in needed):
+    if not all(hasattr(module, name) for name in ("Stream", "current_stream", "stream", "Event", "is_available")):
         return None
-    is_available = getattr(module, "is_available", lambda: False)
-    return module if is_available() else None
+    return module if module.is_available() else None
 
 
 class _Saved:
@@ -356,7 +358,8 @@ class CheckpointOffloader:
     def _pool(self, device: torch.device | None) -> HostBufferPool:
         pool = self.pools.get(device)
         if pool is None:
-            pool = self.pools[device] = HostBufferPool(pin_memory=device is not None, max_held_bytes=self.max_pool_bytes)
+            pinned = device is not None
+            pool = self.pools[device] = HostBufferPool(pin_memory=pinned, max_held_bytes=self.max_pool_bytes)
         return pool
 
     def _side_stream(self, device: torch.device, streams):
