@@ -169,6 +169,97 @@ def test_op_leaves_parameters_and_small_tensors_alone():
     assert offloader.tensors_offloaded == 0
 
 
+class _FakeEvent:
+    def __init__(self, stream):
+        self.stream = stream
+
+
+class _FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def record_event(self):
+        event = _FakeEvent(self)
+        self.log.append((self.name, "record", event))
+        return event
+
+    def wait_event(self, event):
+        self.log.append((self.name, "wait", event))
+
+
+class _FakeStreams:
+    """Stands in for `torch.cuda` on the CPU: records which stream records, waits for and holds what."""
+
+    Event = _FakeEvent
+
+    def __init__(self):
+        self.log = []
+        self.compute = _FakeStream("compute", self.log)
+        self.current = self.compute
+
+    def is_available(self):
+        return True
+
+    def Stream(self, device):  # noqa: N802  (torch.cuda.Stream)
+        return _FakeStream("side", self.log)
+
+    def current_stream(self, device):
+        return self.current
+
+    def stream(self, stream):
+        import contextlib
+
+        @contextlib.contextmanager
+        def switched():
+            previous, self.current = self.current, stream
+            self.log.append((stream.name, "enter", None))
+            try:
+                yield
+            finally:
+                self.current = previous
+
+        return switched()
+
+
+def test_op_stream_protocol_with_a_stand_in_device(monkeypatch):
+    """The accelerator path's ordering, on the CPU with `torch.cuda` replaced by a recorder: each copy out waits
+    for the event recorded where its tensor was saved and marks the tensor as used by the side stream; each copy
+    back runs on the side stream, whose event the compute stream waits for before the tensor is used."""
+    from minis.ops import offload
+
+    fake = _FakeStreams()
+    monkeypatch.setattr(offload, "_streams_of", lambda device: fake)
+    monkeypatch.setattr(offload.HostBufferPool, "__init__", _unpinned_pool_init(offload.HostBufferPool.__init__))
+    record_streams = []
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: record_streams.append(stream.name),
+                        raising=False)
+    model, x = Blocks(), torch.randn(8, 64, requires_grad=True)
+    expected = op_grads(model, x)
+    offloader = CheckpointOffloader()
+    for a, e in zip(op_grads(model, x, offloader=offloader), expected):
+        assert torch.equal(a, e)
+    log = fake.log
+    ready = [event for stream, what, event in log if stream == "compute" and what == "record"]
+    assert len(ready) == 4  # one per saved block input
+    side_waits = [event for stream, what, event in log if stream == "side" and what == "wait"]
+    assert side_waits == ready[:3], "each copy out waits for its own tensor's ready event; the last is kept"
+    restored = [event for stream, what, event in log if stream == "side" and what == "record"]
+    compute_waits = [event for stream, what, event in log if stream == "compute" and what == "wait"]
+    assert len(restored) == 3 and compute_waits == restored
+    # One layer ahead: the copy back of the previous layer's input is issued before the compute stream waits for
+    # this layer's.
+    for this_layer, previous_layer in zip(restored, restored[1:]):
+        assert log.index(("side", "record", previous_layer)) < log.index(("compute", "wait", this_layer))
+    assert record_streams == ["side"] * 3 + ["compute"] * 3
+
+
+def _unpinned_pool_init(init):
+    def unpinned(self, *, pin_memory, max_held_bytes=None):
+        init(self, pin_memory=False, max_held_bytes=max_held_bytes)
+
+    return unpinned
+
+
 def test_pool_reuses_size_classes_and_stays_bounded():
     pool = HostBufferPool(pin_memory=False)
     first = pool.acquire(5000)

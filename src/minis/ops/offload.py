@@ -271,6 +271,7 @@ class CheckpointOffloader:
             return packed
         saved: _Saved = packed
         with self._lock:
+            self._prefetch_before(saved.group)
             if saved.host_buffer is None:
                 # Never offloaded (a last group): the saved tensor itself, for as long as autograd holds it.
                 still_pending = [ref for ref in self._pending if ref() is not saved]
@@ -279,7 +280,6 @@ class CheckpointOffloader:
                     self.bytes_kept += saved.nbytes
                     self.tensors_kept += 1
                 return saved.device_tensor
-            self._prefetch_before(saved.group)
             if saved.device_tensor is None:
                 self._restore(saved)
             # The caller owns the restored tensor; the host copy stays for another unpack (retain_graph).
