@@ -5,7 +5,7 @@ How users turn it on (nothing minis-specific in the script):
 - `model.activation_checkpointing_enable(offload=True, every_n_layers=N)`, the deprecated
   `gradient_checkpointing_enable(..., offload=True)`, and Trainer's `activation_checkpointing=True` with
   `activation_checkpointing_kwargs={"offload": True}` (or `gradient_checkpointing*`), all of which reach
-  `PreTrainedModel._activation_checkpointing_enable` (transformers >= 5.2x) or `gradient_checkpointing_enable`
+  `PreTrainedModel._activation_checkpointing_enable` (transformers 5.23 and later) or `gradient_checkpointing_enable`
   (earlier 5.x, which does the work itself);
 - or `config.mini_sequence_offload = True` (also a `from_pretrained`/`config.json` attribute) with checkpointing
   on, which offloads without touching the script; it is read at every checkpointed call.
@@ -123,7 +123,7 @@ def _method_taking_offload() -> str:
     """The `PreTrainedModel` method that every checkpointing switch of the installed transformers ends in."""
     from transformers import PreTrainedModel
 
-    # transformers >= 5.2x: the public `activation_checkpointing_enable` and the deprecated alias both call
+    # transformers 5.23 and later: the public `activation_checkpointing_enable` and the deprecated alias both call
     # `_activation_checkpointing_enable`. Earlier 5.x: `gradient_checkpointing_enable` does the work.
     if hasattr(PreTrainedModel, "_activation_checkpointing_enable"):
         return "_activation_checkpointing_enable"
