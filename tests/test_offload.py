@@ -467,7 +467,7 @@ def test_trainer_with_offload_matches_upstream(tmp_path, switch):
     from transformers import Trainer, TrainingArguments
 
     if switch not in TrainingArguments.__dataclass_fields__:
-        pytest.skip(f"this transformers' TrainingArguments has no {switch} (transformers 5.17 has only gradient_checkpointing)")
+        pytest.skip(f"this transformers' TrainingArguments has no {switch} (5.17 has only gradient_checkpointing)")
 
     def train(minis_on: bool, **args):
         net = model("llama", num_hidden_layers=LAYERS)
