@@ -144,6 +144,19 @@ def test_op_moves_all_but_the_last_layer_and_restores_them(reentrant):
     assert pool.in_use_bytes == 0 and offloader.host_bytes_in_use == 0, "autograd released every saved tensor"
 
 
+def test_op_like_save_on_cpu_moves_every_layer_and_restores_on_demand():
+    model, x = Blocks(), torch.randn(8, 64, requires_grad=True)
+    expected = op_grads(model, x)
+    offloader = CheckpointOffloader(keep_last=False, prefetch=False)
+    x.grad, inputs = None, []
+    loss = model(x, offloader=offloader, keep=inputs)
+    gc.collect()
+    assert [ref() is not None for ref in inputs] == [False] * 4
+    loss.backward()
+    assert torch.equal(x.grad, expected[0])
+    assert offloader.tensors_offloaded == offloader.tensors_restored == 4 and offloader.tensors_kept == 0
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 def test_op_frees_the_originals_while_their_copies_are_on_the_host(reentrant):
     model, x = Blocks(), torch.randn(8, 64, requires_grad=True)

@@ -31,6 +31,7 @@ from ._hook import warn_once
 
 __all__ = [
     "OffloadingCheckpoint",
+    "install",
     "offloader_of",
     "patch_pretrained_class",
     "unpatch_pretrained_class",
@@ -82,10 +83,15 @@ def offloader_of(model):
     return None
 
 
-def _install(model, requested: bool) -> None:
+def install(model, requested: bool, offloader=None) -> None:
+    """Wraps each checkpointed layer's `_gradient_checkpointing_func` of `model` in an `OffloadingCheckpoint`.
+
+    `requested`: offload whatever `config.mini_sequence_offload` says; `offloader`: the `CheckpointOffloader` the
+    layers share (a new default one when None). Checkpointing must already be enabled.
+    """
     from .ops.offload import CheckpointOffloader
 
-    offloader = CheckpointOffloader()
+    offloader = CheckpointOffloader() if offloader is None else offloader
     for layer in _checkpointed_layers(model):
         function = layer._gradient_checkpointing_func
         if isinstance(function, OffloadingCheckpoint):
@@ -112,7 +118,7 @@ def _enable_with_minis_offload(pretrained_class: type, method_name: str) -> Call
             bound.arguments["offload"] = False
             args, kwargs = bound.args[1:], bound.kwargs
         result = upstream(*args, **kwargs)
-        _install(self, requested)
+        install(self, requested)
         return result
 
     setattr(enable, _UPSTREAM, None)

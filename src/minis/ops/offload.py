@@ -202,13 +202,21 @@ class CheckpointOffloader:
         min_offload_bytes: tensors smaller than this stay where they are (copies of tiny tensors cost more than
             they free).
         max_pool_bytes: `HostBufferPool.max_held_bytes` of the host buffer pools (None: self-sizing).
+        keep_last: keep the latest group on the device until the next `layer()` (default). False offloads each
+            tensor as it is saved, the last layer's included, as `torch.autograd.graph.save_on_cpu` does.
+        prefetch: restore the previous group when a group is unpacked (default). False restores each tensor
+            only when it is unpacked, as `save_on_cpu` does. (`minis plan` models upstream's offload with both
+            False.)
     """
 
-    def __init__(self, *, min_offload_bytes: int = 1024, max_pool_bytes: int | None = None) -> None:
+    def __init__(self, *, min_offload_bytes: int = 1024, max_pool_bytes: int | None = None, keep_last: bool = True,
+                 prefetch: bool = True) -> None:
         if isinstance(min_offload_bytes, bool) or not isinstance(min_offload_bytes, int) or min_offload_bytes < 0:
             raise ValueError(f"min_offload_bytes must be a non-negative int, got {min_offload_bytes!r}")
         self.min_offload_bytes = min_offload_bytes
         self.max_pool_bytes = max_pool_bytes
+        self.keep_last = keep_last
+        self.prefetch = prefetch
         # One pool per accelerator (its buffers are only touched by that device's side stream, in order) and one,
         # unpinned, for tensors copied without streams.
         self.pools: dict[torch.device | None, HostBufferPool] = {}
@@ -227,7 +235,8 @@ class CheckpointOffloader:
 
     def __deepcopy__(self, memo) -> CheckpointOffloader:
         # A copied model gets its own offloader with the same settings (locks, streams and buffers are not copied).
-        return CheckpointOffloader(min_offload_bytes=self.min_offload_bytes, max_pool_bytes=self.max_pool_bytes)
+        return CheckpointOffloader(min_offload_bytes=self.min_offload_bytes, max_pool_bytes=self.max_pool_bytes,
+                                   keep_last=self.keep_last, prefetch=self.prefetch)
 
     @property
     def host_bytes_in_use(self) -> int:
@@ -264,6 +273,8 @@ class CheckpointOffloader:
             saved.ready_event = streams.current_stream(tensor.device).record_event()
         with self._lock:
             self._pending.append(weakref.ref(saved))
+            if not self.keep_last:
+                self._offload_pending()
         return saved
 
     def _unpack(self, packed) -> torch.Tensor:
@@ -271,7 +282,10 @@ class CheckpointOffloader:
             return packed
         saved: _Saved = packed
         with self._lock:
-            self._prefetch_before(saved.group)
+            if self.prefetch:
+                self._prefetch_before(saved.group)
+            else:
+                self._on_host.pop(saved.group, None)
             if saved.host_buffer is None:
                 # Never offloaded (a last group): the saved tensor itself, for as long as autograd holds it.
                 still_pending = [ref for ref in self._pending if ref() is not saved]
