@@ -147,7 +147,7 @@ def test_op_moves_all_but_the_last_layer_and_restores_them(reentrant):
 def test_op_like_save_on_cpu_moves_every_layer_and_restores_on_demand():
     model, x = Blocks(), torch.randn(8, 64, requires_grad=True)
     expected = op_grads(model, x)
-    offloader = CheckpointOffloader(keep_last=False, prefetch=False)
+    offloader = CheckpointOffloader(keep_last=False, prefetch=False, offload_leaves=True)
     x.grad, inputs = None, []
     loss = model(x, offloader=offloader, keep=inputs)
     gc.collect()
@@ -183,16 +183,21 @@ def test_op_supports_retain_graph():
     assert offloader.bytes_restored == 2 * offloader.bytes_offloaded
 
 
-def test_op_leaves_parameters_and_small_tensors_alone():
-    offloader = CheckpointOffloader(min_offload_bytes=1024)
-    weight = torch.nn.Parameter(torch.randn(64, 64))
-    small = torch.randn(4, requires_grad=True)
-    with offloader.layer():
-        out = (small * 3).sum() + (torch.randn(2, 64) @ weight).sum()
-    with offloader.layer():
-        pass
-    out.backward()
-    assert offloader.tensors_offloaded == 0
+def test_op_leaves_parameters_small_tensors_and_leaves_alone():
+    """What saving as is costs nothing: a parameter, a tiny tensor, and a leaf that requires grad (its
+    AccumulateGrad node holds it anyway) stay; `offload_leaves=True` moves the leaf, as save_on_cpu does."""
+    for offload_leaves, moved in ((False, 0), (True, 2)):  # `leaf * leaf` saves it twice
+        offloader = CheckpointOffloader(min_offload_bytes=1024, offload_leaves=offload_leaves)
+        weight = torch.nn.Parameter(torch.randn(64, 64))
+        small = torch.randn(4, requires_grad=True)
+        leaf = torch.randn(16, 64, requires_grad=True)
+        with offloader.layer():
+            out = (small * 3).sum() + (torch.randn(2, 64) @ weight).sum() + (leaf * leaf).sum()
+        with offloader.layer():
+            pass
+        out.backward()
+        assert offloader.tensors_offloaded == moved
+        assert torch.equal(leaf.grad, 2 * leaf.detach())
 
 
 class _FakeEvent:
@@ -419,7 +424,8 @@ def test_lora_with_dropout_and_frozen_embeddings(reentrant):
     model = lora(True, True)
     assert_same(loss_and_grads(model, batch), expected)
     assert any("lora_A" in name for name in expected[1])
-    assert offloader_of(model).bytes_offloaded == (LAYERS - 1) * hidden_bytes(model, batch)
+    # The frozen embedding's output is a leaf (enable_input_require_grads) that autograd keeps anyway: it stays.
+    assert offloader_of(model).bytes_offloaded == (LAYERS - 2) * hidden_bytes(model, batch)
     # The masks matter: another dropout seed changes the gradients.
     other = loss_and_grads(lora(False, False), batch, seed=99)
     assert max(relative_error(other[1][name], grad) for name, grad in expected[1].items()) > 1e-3

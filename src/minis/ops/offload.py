@@ -196,7 +196,8 @@ class CheckpointOffloader:
     Use `layer()` around each checkpointed call, in the order the layers run; one offloader serves a whole model
     (it pairs each layer with the previous one for the prefetch). Works with reentrant and non-reentrant
     `torch.utils.checkpoint.checkpoint`: both save the layer's inputs through the hooks active at the call.
-    Parameters, non-strided and meta tensors, and tensors under `min_offload_bytes` are saved as they are.
+    Parameters, other leaves that require grad, non-strided and meta tensors, and tensors under
+    `min_offload_bytes` are saved as they are.
 
     Args:
         min_offload_bytes: tensors smaller than this stay where they are (copies of tiny tensors cost more than
@@ -205,18 +206,22 @@ class CheckpointOffloader:
         keep_last: keep the latest group on the device until the next `layer()` (default). False offloads each
             tensor as it is saved, the last layer's included, as `torch.autograd.graph.save_on_cpu` does.
         prefetch: restore the previous group when a group is unpacked (default). False restores each tensor
-            only when it is unpacked, as `save_on_cpu` does. (`minis plan` models upstream's offload with both
-            False.)
+            only when it is unpacked, as `save_on_cpu` does.
+        offload_leaves: also copy leaf tensors that require grad. Off by default: autograd's `AccumulateGrad`
+            node holds such a tensor (for example the embedding output that `enable_input_require_grads` makes a
+            leaf under LoRA), so a copy would free nothing. `save_on_cpu` copies them; `minis plan` models
+            upstream's offload with `keep_last=False, prefetch=False, offload_leaves=True`.
     """
 
     def __init__(self, *, min_offload_bytes: int = 1024, max_pool_bytes: int | None = None, keep_last: bool = True,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, offload_leaves: bool = False) -> None:
         if isinstance(min_offload_bytes, bool) or not isinstance(min_offload_bytes, int) or min_offload_bytes < 0:
             raise ValueError(f"min_offload_bytes must be a non-negative int, got {min_offload_bytes!r}")
         self.min_offload_bytes = min_offload_bytes
         self.max_pool_bytes = max_pool_bytes
         self.keep_last = keep_last
         self.prefetch = prefetch
+        self.offload_leaves = offload_leaves
         # One pool per accelerator (its buffers are only touched by that device's side stream, in order) and one,
         # unpinned, for tensors copied without streams.
         self.pools: dict[torch.device | None, HostBufferPool] = {}
@@ -236,7 +241,8 @@ class CheckpointOffloader:
     def __deepcopy__(self, memo) -> CheckpointOffloader:
         # A copied model gets its own offloader with the same settings (locks, streams and buffers are not copied).
         return CheckpointOffloader(min_offload_bytes=self.min_offload_bytes, max_pool_bytes=self.max_pool_bytes,
-                                   keep_last=self.keep_last, prefetch=self.prefetch)
+                                   keep_last=self.keep_last, prefetch=self.prefetch,
+                                   offload_leaves=self.offload_leaves)
 
     @property
     def host_bytes_in_use(self) -> int:
@@ -265,6 +271,7 @@ class CheckpointOffloader:
             or tensor.layout != torch.strided
             or tensor.is_meta
             or tensor.numel() * tensor.element_size() < self.min_offload_bytes
+            or (tensor.is_leaf and tensor.requires_grad and not self.offload_leaves)
         ):
             return tensor
         saved = _Saved(tensor, group)
