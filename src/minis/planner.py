@@ -883,8 +883,11 @@ def predict_peak(model: Any, seq_len: int, setup: TrainingSetup | None = None, *
     started = time.perf_counter()
     num_layers = config.num_hidden_layers
     period = math.lcm(_layer_period(config), setup.every_n_layers if setup.grad_ckpt else 1)
-    if extrapolate and num_layers % period == 0 and num_layers > 3 * period:
-        counts = (2 * period, 3 * period)
+    # With offloaded checkpoints the first two blocks can be special (a frozen embedding's output stays on the GPU,
+    # so with two blocks nothing may be offloaded at all): extrapolate from three and four blocks then.
+    first = 3 if setup.offload_activations else 2
+    if extrapolate and num_layers % period == 0 and num_layers > (first + 1) * period:
+        counts = (first * period, (first + 1) * period)
     else:
         counts = (num_layers,)
     weights = _weights(setup)
@@ -893,7 +896,7 @@ def predict_peak(model: Any, seq_len: int, setup: TrainingSetup | None = None, *
     peaks = [_phase_peaks(timeline, weights, period) for timeline in timelines]
     host_peaks = [_host_peak(timeline) for timeline in timelines]
     host_activations = host_peaks[-1] if len(counts) == 1 else \
-        host_peaks[0] + (num_layers // period - 2) * (host_peaks[1] - host_peaks[0])
+        host_peaks[0] + (num_layers // period - first) * (host_peaks[1] - host_peaks[0])
     if len(counts) == 1:
         combined = {cls: (peak.total, peak.components) for cls, peak in peaks[0].items()}
     else:
@@ -905,8 +908,9 @@ def predict_peak(model: Any, seq_len: int, setup: TrainingSetup | None = None, *
             if cls not in peaks[0]:
                 continue
             two, three = peaks[0][cls], peaks[1][cls]
-            total = two.total + (blocks - 2) * (three.total - two.total)
-            components = {name: two.components[name] + (blocks - 2) * (three.components[name] - two.components[name])
+            total = two.total + (blocks - first) * (three.total - two.total)
+            components = {name: two.components[name]
+                          + (blocks - first) * (three.components[name] - two.components[name])
                           for name in two.components}
             combined[cls] = (total, components)
     phase = max(combined, key=lambda cls: combined[cls][0])
