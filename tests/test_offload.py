@@ -402,6 +402,24 @@ def test_minis_disable_restores_upstream_enable():
     assert name in LlamaPreTrainedModel.__dict__
 
 
+def test_a_copied_model_gets_its_own_offloader():
+    import copy
+    import pickle
+
+    batch = random_batch()
+    model = make_model("llama")
+    enable_checkpointing(model, offload=True)
+    expected = loss_and_grads(model, batch)
+    clone = copy.deepcopy(model)
+    assert offloader_of(clone) is not None and offloader_of(clone) is not offloader_of(model)
+    assert_same(loss_and_grads(clone, batch), expected)
+    assert offloader_of(clone).bytes_offloaded == (LAYERS - 1) * hidden_bytes(model, batch)
+    # (A model with checkpointing on does not pickle upstream either: enable_input_require_grads's local hook.)
+    settings = CheckpointOffloader(min_offload_bytes=7, keep_last=False)
+    copied = pickle.loads(pickle.dumps(settings))
+    assert (copied.min_offload_bytes, copied.keep_last, copied.prefetch) == (7, False, True)
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 def test_lora_with_dropout_and_frozen_embeddings(reentrant):
     pytest.importorskip("peft")

@@ -238,11 +238,17 @@ class CheckpointOffloader:
         self.bytes_restored = self.tensors_restored = 0
         self.bytes_kept = self.tensors_kept = 0
 
+    def _settings(self) -> dict:
+        return {"min_offload_bytes": self.min_offload_bytes, "max_pool_bytes": self.max_pool_bytes,
+                "keep_last": self.keep_last, "prefetch": self.prefetch, "offload_leaves": self.offload_leaves}
+
     def __deepcopy__(self, memo) -> CheckpointOffloader:
         # A copied model gets its own offloader with the same settings (locks, streams and buffers are not copied).
-        return CheckpointOffloader(min_offload_bytes=self.min_offload_bytes, max_pool_bytes=self.max_pool_bytes,
-                                   keep_last=self.keep_last, prefetch=self.prefetch,
-                                   offload_leaves=self.offload_leaves)
+        return CheckpointOffloader(**self._settings())
+
+    def __reduce__(self):
+        # Pickling (a pickled model) keeps the settings only, as a copy does.
+        return functools.partial(CheckpointOffloader, **self._settings()), ()
 
     @property
     def host_bytes_in_use(self) -> int:
