@@ -331,6 +331,12 @@ def test_cli_offload_options(tmp_path, capsys):
     assert main(["--model", path, "--seq", "512", "--grad-ckpt", "--offload-activations", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["setup"]["offload_activations"] and report["seq"]["minis"]["host_bytes"] > 0
+    # Too little host RAM for the offloaded checkpoints: the report says so, for the fixed length and the longest.
+    assert main(["--model", path, "--seq", "4096", "--grad-ckpt", "--offload-activations", "--host-mem", "1MiB",
+                 "--max-seq", "--gpu-mem", "64MiB", "--granularity", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "of host RAM per rank: upstream does not fit: the host would run out of RAM" in out, out
+    assert "minis at" in out and "GiB: the host would run out of RAM)" in out, out
 
 
 @pytest.mark.parametrize(
@@ -361,6 +367,7 @@ def test_cli_offload_options(tmp_path, capsys):
         (["--model", "llama-3-8b", "--seq", "8", "--every-n-layers", "2"], ["--every-n-layers 2", "--grad-ckpt"]),
         (["--model", "llama-3-8b", "--seq", "8", "--grad-ckpt", "--every-n-layers", "0"],
          ["--every-n-layers", "0", "positive"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--host-mem", "-1GiB"], ["--host-mem", "'-1GiB'", "positive"]),
         (["--model", "gemma-2-9b", "--seq", "8"], ["sdpa", "gemma2", "eager or flash"]),
         (["--model", "llama-3-8b", "--seq", "8", "--bogus"], ["--bogus"]),
     ],

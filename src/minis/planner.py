@@ -1063,9 +1063,12 @@ def find_max_seq(model: Any, gpu_mem: int, setup: TrainingSetup | None = None, *
 # plan(): both variants, and the report
 # ----------------------------------------------------------------------------------------------------------------
 def plan(model: Any, *, seq: int | None = None, max_seq: bool = False, gpu_mem: int | str | None = None,
-         setup: TrainingSetup | None = None, granularity: int = 256, **setup_fields: Any) -> dict[str, Any]:
+         setup: TrainingSetup | None = None, granularity: int = 256, host_mem: int | str | None = None,
+         **setup_fields: Any) -> dict[str, Any]:
     """Predicts upstream's and minis' peak at `seq` and/or the longest sequence that fits in `gpu_mem`.
 
+    With `host_mem` (host RAM per rank available for offloaded tensors), every estimate also says whether its host
+    RAM fits; the longest-sequence search is by GPU memory, and the report says when the host would run out first.
     Setup fields can be given as `setup=TrainingSetup(...)` or as keyword arguments (`method="lora"`, ...).
     Returns the report that `minis plan --json` prints.
     """
@@ -1087,6 +1090,10 @@ def plan(model: Any, *, seq: int | None = None, max_seq: bool = False, gpu_mem: 
         raise PlanError(f"--gpu-mem {gpu_mem!r} is not possible; give a positive size such as 80GiB")
     if max_seq and gpu_mem is None:
         raise PlanError("--max-seq needs --gpu-mem SIZE (the memory of one GPU, e.g. 80GiB)")
+    if isinstance(host_mem, str):
+        host_mem = parse_memory_size(host_mem, "--host-mem")
+    if host_mem is not None and (isinstance(host_mem, bool) or not isinstance(host_mem, int) or host_mem < 1 << 20):
+        raise PlanError(f"--host-mem {host_mem!r} is not possible; give a positive size such as 512GiB")
     _positive("--granularity", granularity)
     config = load_model_config(model)
     _attn_implementation(config, setup.attn)
@@ -1097,6 +1104,7 @@ def plan(model: Any, *, seq: int | None = None, max_seq: bool = False, gpu_mem: 
         "setup": asdict(setup),
         "setup_text": setup.describe(),
         "gpu_mem": gpu_mem,
+        "host_mem": host_mem,
         "predicts": "a CUDA run; tensors counted by the PyTorch caching allocator's view (no CUDA context, "
                     "kernel workspaces or fragmentation)",
     }
@@ -1110,6 +1118,8 @@ def plan(model: Any, *, seq: int | None = None, max_seq: bool = False, gpu_mem: 
             "ratio": minis.total / upstream.total,
             "fits": None if gpu_mem is None
             else {"upstream": upstream.total <= gpu_mem, "minis": minis.total <= gpu_mem},
+            "host_fits": None if host_mem is None
+            else {"upstream": upstream.host_bytes <= host_mem, "minis": minis.host_bytes <= host_mem},
         }
     if max_seq:
         cache: dict = {}
@@ -1117,7 +1127,9 @@ def plan(model: Any, *, seq: int | None = None, max_seq: bool = False, gpu_mem: 
         for name, flag in (("upstream", False), ("minis", True)):
             length, estimate = find_max_seq(config, gpu_mem, setup, mini_sequence=flag, granularity=granularity,
                                             cache=cache)
-            found[name] = {"max_seq": length, "peak": None if estimate is None else estimate.to_dict()}
+            found[name] = {"max_seq": length, "peak": None if estimate is None else estimate.to_dict(),
+                           "host_fits": None if host_mem is None or estimate is None
+                           else estimate.host_bytes <= host_mem}
         up, ms = found["upstream"]["max_seq"], found["minis"]["max_seq"]
         report["max_seq"] = {**found, "granularity": granularity, "factor": (ms / up) if up else None}
     return report
@@ -1163,6 +1175,11 @@ def format_report(report: Mapping[str, Any]) -> str:
         if part["fits"] is not None:
             fits = {k: "fits" if v else "does not fit" for k, v in part["fits"].items()}
             lines.append(f"  in {_gib(report['gpu_mem'])}: upstream {fits['upstream']}, minis {fits['minis']}")
+        if part.get("host_fits") is not None:
+            fits = {k: "fits" if v else "does not fit: the host would run out of RAM"
+                    for k, v in part["host_fits"].items()}
+            lines.append(f"  in {_gib(report['host_mem'])} of host RAM per rank: upstream {fits['upstream']}, "
+                         f"minis {fits['minis']}")
         note = up
     if "max_seq" in report:
         part = report["max_seq"]
@@ -1174,8 +1191,10 @@ def format_report(report: Mapping[str, Any]) -> str:
         for name in ("upstream", "minis"):
             peak = part[name]["peak"]
             if peak is not None:
+                host_note = "" if part[name].get("host_fits") in (None, True) else \
+                    f" (more than --host-mem {_gib(report['host_mem'])}: the host would run out of RAM)"
                 lines.append(f"  {name} at {peak['seq_len']:,}: peak {_gib(peak['total'])} during "
-                             f"{peak['phase_title']}; host RAM {_gib(peak['host_bytes'])}")
+                             f"{peak['phase_title']}; host RAM {_gib(peak['host_bytes'])}{host_note}")
         note = note or part["minis"]["peak"] or part["upstream"]["peak"]
     if note is not None:
         estimates = [(report.get("seq") or {}).get(name) for name in ("upstream", "minis")]
@@ -1218,6 +1237,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq", type=_int_option("--seq"), help="tokens per sequence to predict the peak for")
     parser.add_argument("--max-seq", action="store_true", help="find the longest sequence that fits in --gpu-mem")
     parser.add_argument("--gpu-mem", help="memory of one GPU, e.g. 80GiB (GiB/GB/G/MiB...)")
+    parser.add_argument("--host-mem", help="host RAM per rank for offloaded tensors, e.g. 512GiB: the report says "
+                        "whether the offloaded checkpoints and optimizer state fit")
     parser.add_argument("--granularity", type=_int_option("--granularity"), default=256,
                         help="--max-seq searches multiples of this many tokens (default 256)")
     parser.add_argument("--method", default="full", help="full or lora")
@@ -1283,7 +1304,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             gpu_mem = None
         report = plan(args.model, seq=args.seq, max_seq=args.max_seq, gpu_mem=gpu_mem, setup=setup,
-                      granularity=args.granularity)
+                      granularity=args.granularity, host_mem=args.host_mem)
     except PlanError as error:
         print(f"minis plan: error: {error}", file=sys.stderr)
         return 2
@@ -1291,8 +1312,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_VALUE_OPTIONS = ("--seq", "--gpu-mem", "--granularity", "--lora-rank", "--lora-alpha", "--batch-size", "--zero-stage",
-                  "--world-size", "--every-n-layers")
+_VALUE_OPTIONS = ("--seq", "--gpu-mem", "--host-mem", "--granularity", "--lora-rank", "--lora-alpha", "--batch-size",
+                  "--zero-stage", "--world-size", "--every-n-layers")
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:
