@@ -370,6 +370,15 @@ def test_offload_without_checkpointing_warns_what_to_set(monkeypatch):
         loss_and_grads(model, random_batch())
 
 
+def test_bad_config_value_names_it():
+    model = make_model("llama", mini_sequence_offload="yes")
+    with pytest.raises(ValueError, match="config.mini_sequence_offload must be True or False, got 'yes'"):
+        loss_and_grads(model, random_batch())
+    enable_checkpointing(model)
+    with pytest.raises(ValueError, match="config.mini_sequence_offload must be True or False, got 'yes'"):
+        loss_and_grads(model, random_batch())
+
+
 def test_minis_off_at_enable_time_is_upstream_exactly():
     model = make_model("llama", use_mini_sequence=False)
     enable_checkpointing(model)

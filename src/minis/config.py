@@ -23,10 +23,10 @@ from typing import Any
 __all__ = [
     "CONFIG_DEFAULTS",
     "loss_chunking",
+    "mini_sequence_offload",
     "mlp_chunking",
     "use_mini_sequence",
     "use_mini_sequence_loss",
-    "mini_sequence_offload",
 ]
 
 CONFIG_DEFAULTS: dict[str, Any] = {
