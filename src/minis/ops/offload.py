@@ -19,6 +19,9 @@ What it does, per checkpointed layer (each call of `offloader.layer()` opens one
   released device tensor (so its memory is not reused before the copy finishes), and the compute stream waits for
   the host-to-device copy's event before it uses a restored tensor. A host buffer is only ever read and written by
   copies on the side stream, in stream order, which is what makes reusing it safe.
+- **Not moved**: parameters, tensors under `min_offload_bytes`, and leaves that require grad (their
+  `AccumulateGrad` node holds them, so a copy would free nothing: the frozen embedding's output under LoRA's
+  `enable_input_require_grads` is one).
 - **Without an accelerator** (or on a device without streams) the same bookkeeping runs with plain synchronous
   copies into unpinned host buffers from the same pool: nothing is saved, but every step of the path (pool,
   groups, kept last group, prefetch, restore) is exercised, which is how the CPU tests test it.
