@@ -6,13 +6,14 @@ layer, prefetch and restore, with plain copies into unpinned host buffers. What 
 - Loss and every gradient with offload on (through transformers' own switch, and through
   `config.mini_sequence_offload`) and off equal upstream's (`use_mini_sequence=False`, no checkpointing, no
   offload) within 1e-5 relative in fp32, for every family, reentrant and non-reentrant checkpointing, LoRA with
-  dropout (reentrant with frozen input embeddings included), Trainer, and two-process DDP.
+  dropout (reentrant with frozen input embeddings included), Trainer, and two-process DDP and FSDP2.
 - The saved hidden states leave and come back: the offloader counts the bytes it copied out and in, and the
   original tensors are freed while their copies wait on the host.
 - The memory the tracker attributes to the compute device drops by the checkpoints it no longer holds (see
   `test_device_peak_drops_by_the_offloaded_checkpoints` for exactly what is compared).
 
-This file is also the worker of its DDP test: `python tests/test_offload.py ddp OUT_DIR` runs one rank.
+This file is also the worker of its data-parallel test: `python tests/test_offload.py ddp|fsdp2 OUT_DIR` runs
+one rank (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set by the test).
 """
 
 from __future__ import annotations
@@ -541,8 +542,15 @@ def test_trainer_with_offload_matches_upstream(tmp_path, switch):
 
 # --- DDP -----------------------------------------------------------------------------------------------------
 @pytest.mark.multiprocess
-def test_ddp_with_offload_matches_one_process(tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_data_parallel_with_offload_matches_one_process(tmp_path, engine):
     from framework_helpers import REPO_ROOT, free_port, max_relative_difference
+
+    if engine == "fsdp2":
+        from torch.distributed import fsdp
+
+        if not hasattr(fsdp, "fully_shard"):
+            pytest.skip(f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2)")
 
     sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
     import distributed_worker
@@ -551,14 +559,14 @@ def test_ddp_with_offload_matches_one_process(tmp_path):
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        processes.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "ddp", str(tmp_path)], env=env,
+        processes.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), engine, str(tmp_path)], env=env,
                                           cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outputs = [process.communicate(timeout=180)[0] for process in processes]
     except subprocess.TimeoutExpired:
         for process in processes:
             process.kill()
-        pytest.fail("the DDP ranks did not finish within 180 s")
+        pytest.fail(f"the {engine} ranks did not finish within 180 s")
     for rank, (process, output) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
     reference = distributed_worker.reference_run("llama", world_size=2, num_hidden_layers=LAYERS)
@@ -570,12 +578,12 @@ def test_ddp_with_offload_matches_one_process(tmp_path):
                                    atol=0)
 
 
-def _ddp_rank(out_dir: str) -> None:
-    """One rank of `test_ddp_with_offload_matches_one_process` (DDP over gloo, offloaded checkpoints)."""
+def _data_parallel_rank(engine: str, out_dir: str) -> None:
+    """One rank of `test_data_parallel_with_offload_matches_one_process` (gloo, offloaded checkpoints): DDP, or
+    FSDP2 with `fully_shard` on each decoder layer and the root."""
     import datetime
 
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import distributed_worker as worker
@@ -589,26 +597,37 @@ def _ddp_rank(out_dir: str) -> None:
     model = worker.make_model("llama", num_hidden_layers=LAYERS)
     enable_checkpointing(model, offload=True)
     model.train()
-    ddp = DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=worker.LR)
+    if engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=worker.LR)
     ids = worker.rank_batch(worker.global_batch(model.config.vocab_size), rank, world_size)
     losses = []
     for _ in range(worker.STEPS):
         optimizer.zero_grad()
-        loss = ddp(input_ids=ids, labels=ids).loss
+        loss = wrapped(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(mean.item() / world_size)
     offloader = offloader_of(model)
-    torch.save({"losses": losses, "state": model.state_dict(), "bytes_offloaded": offloader.bytes_offloaded,
+    state = {name: getattr(value, "full_tensor", lambda value=value: value)() for name, value in
+             model.state_dict().items()}
+    torch.save({"losses": losses, "state": state, "bytes_offloaded": offloader.bytes_offloaded,
                 "bytes_restored": offloader.bytes_restored}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["ddp"] or len(sys.argv) != 3:
-        raise SystemExit(f"usage: python {sys.argv[0]} ddp OUT_DIR")
-    _ddp_rank(sys.argv[2])
+    if len(sys.argv) != 3 or sys.argv[1] not in ("ddp", "fsdp2"):
+        raise SystemExit(f"usage: python {sys.argv[0]} ddp|fsdp2 OUT_DIR")
+    _data_parallel_rank(sys.argv[1], sys.argv[2])
