@@ -6,13 +6,13 @@ layer, prefetch and restore, with plain copies into unpinned host buffers. What 
 - Loss and every gradient with offload on (through transformers' own switch, and through
   `config.mini_sequence_offload`) and off equal upstream's (`use_mini_sequence=False`, no checkpointing, no
   offload) within 1e-5 relative in fp32, for every family, reentrant and non-reentrant checkpointing, LoRA with
-  dropout (reentrant with frozen input embeddings included), Trainer, and two-process DDP and FSDP2.
+  dropout (reentrant with frozen input embeddings included), Trainer, and two-process DDP, FSDP2 and ZeRO-3.
 - The saved hidden states leave and come back: the offloader counts the bytes it copied out and in, and the
   original tensors are freed while their copies wait on the host.
 - The memory the tracker attributes to the compute device drops by the checkpoints it no longer holds (see
   `test_device_peak_drops_by_the_offloaded_checkpoints` for exactly what is compared).
 
-This file is also the worker of its data-parallel test: `python tests/test_offload.py ddp|fsdp2 OUT_DIR` runs
+This file is also the worker of its data-parallel test: `python tests/test_offload.py ddp|fsdp2|zero3 OUT_DIR` runs
 one rank (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set by the test).
 """
 
@@ -542,10 +542,12 @@ def test_trainer_with_offload_matches_upstream(tmp_path, switch):
 
 # --- DDP -----------------------------------------------------------------------------------------------------
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", pytest.param("zero3", marks=pytest.mark.slow)])
 def test_data_parallel_with_offload_matches_one_process(tmp_path, engine):
     from framework_helpers import REPO_ROOT, free_port, max_relative_difference
 
+    if engine == "zero3":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed; `DS_BUILD_OPS=0 pip install deepspeed`")
     if engine == "fsdp2":
         from torch.distributed import fsdp
 
@@ -557,16 +559,16 @@ def test_data_parallel_with_offload_matches_one_process(tmp_path, engine):
 
     port, processes = free_port(), []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
         processes.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), engine, str(tmp_path)], env=env,
                                           cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
-        outputs = [process.communicate(timeout=180)[0] for process in processes]
+        outputs = [process.communicate(timeout=300)[0] for process in processes]
     except subprocess.TimeoutExpired:
         for process in processes:
             process.kill()
-        pytest.fail(f"the {engine} ranks did not finish within 180 s")
+        pytest.fail(f"the {engine} ranks did not finish within 300 s")
     for rank, (process, output) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
     reference = distributed_worker.reference_run("llama", world_size=2, num_hidden_layers=LAYERS)
@@ -579,8 +581,9 @@ def test_data_parallel_with_offload_matches_one_process(tmp_path, engine):
 
 
 def _data_parallel_rank(engine: str, out_dir: str) -> None:
-    """One rank of `test_data_parallel_with_offload_matches_one_process` (gloo, offloaded checkpoints): DDP, or
-    FSDP2 with `fully_shard` on each decoder layer and the root."""
+    """One rank of `test_data_parallel_with_offload_matches_one_process` (gloo, offloaded checkpoints): DDP, FSDP2
+    with `fully_shard` on each decoder layer and the root, or DeepSpeed ZeRO-3 (CPU accelerator, every parameter
+    partitioned)."""
     import datetime
 
     import torch.distributed as dist
@@ -592,12 +595,26 @@ def _data_parallel_rank(engine: str, out_dir: str) -> None:
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    timeout = datetime.timedelta(seconds=60)
+    if engine == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     minis.enable()
     model = worker.make_model("llama", num_hidden_layers=LAYERS)
     enable_checkpointing(model, offload=True)
     model.train()
-    if engine == "ddp":
+    ids = worker.rank_batch(worker.global_batch(model.config.vocab_size), rank, world_size)
+    if engine == "zero3":
+        import deepspeed
+
+        config = {"train_micro_batch_size_per_gpu": ids.shape[0], "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                  "optimizer": {"type": "SGD", "params": {"lr": worker.LR}}, "zero_allow_untested_optimizer": True}
+        wrapped, _, _, _ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+    elif engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model)
@@ -607,20 +624,29 @@ def _data_parallel_rank(engine: str, out_dir: str) -> None:
         for layer in model.model.layers:
             fully_shard(layer)
         wrapped = fully_shard(model)
-    optimizer = torch.optim.SGD(wrapped.parameters(), lr=worker.LR)
-    ids = worker.rank_batch(worker.global_batch(model.config.vocab_size), rank, world_size)
+    optimizer = None if engine == "zero3" else torch.optim.SGD(wrapped.parameters(), lr=worker.LR)
     losses = []
     for _ in range(worker.STEPS):
-        optimizer.zero_grad()
         loss = wrapped(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
+        if engine == "zero3":
+            wrapped.backward(loss)
+            wrapped.step()
+        else:
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(mean.item() / world_size)
     offloader = offloader_of(model)
-    state = {name: getattr(value, "full_tensor", lambda value=value: value)() for name, value in
-             model.state_dict().items()}
+    if engine == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    else:
+        state = {name: getattr(value, "full_tensor", lambda value=value: value)() for name, value in
+                 model.state_dict().items()}
     torch.save({"losses": losses, "state": state, "bytes_offloaded": offloader.bytes_offloaded,
                 "bytes_restored": offloader.bytes_restored}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
@@ -628,6 +654,6 @@ def _data_parallel_rank(engine: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("ddp", "fsdp2"):
-        raise SystemExit(f"usage: python {sys.argv[0]} ddp|fsdp2 OUT_DIR")
+    if len(sys.argv) != 3 or sys.argv[1] not in ("ddp", "fsdp2", "zero3"):
+        raise SystemExit(f"usage: python {sys.argv[0]} ddp|fsdp2|zero3 OUT_DIR")
     _data_parallel_rank(sys.argv[1], sys.argv[2])
