@@ -306,6 +306,17 @@ def test_pool_reuses_size_classes_and_stays_bounded():
     assert capped.held_bytes == 0
 
 
+def test_pool_falls_back_to_pageable_memory_when_pinning_fails():
+    # Without an accelerator, pinning raises (as it does on a GPU machine past the page-locked memory limit).
+    if torch.cuda.is_available():
+        pytest.skip("pinning works here; the fallback is tested where it fails")
+    pool = HostBufferPool(pin_memory=True)
+    with pytest.warns(RuntimeWarning, match="pinning a .* host buffer failed"):
+        buffer = pool.acquire(10_000)
+    assert buffer.numel() >= 10_000 and not pool.pin_memory
+    pool.release(buffer)
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
 def test_bad_settings_name_the_value(bad):
     with pytest.raises(ValueError, match="min_offload_bytes"):

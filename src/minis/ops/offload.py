@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 
@@ -116,7 +117,17 @@ class HostBufferPool:
             limit = self.peak_in_use_bytes if self.max_held_bytes is None else self.max_held_bytes
             self._evict_idle_above(limit - self.in_use_bytes)
             self.allocations += 1
-        return torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=self.pin_memory)
+        if self.pin_memory:
+            try:
+                return torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=True)
+            except RuntimeError as error:
+                # Page-locked memory is limited (ulimit -l, container limits); pageable memory still works, with
+                # copies that block the host instead of overlapping compute.
+                warnings.warn(f"minis offload: pinning a {size / 2**30:.2f} GiB host buffer failed ({error}); this "
+                              "pool continues with pageable memory, whose copies do not overlap compute",
+                              RuntimeWarning)
+                self.pin_memory = False
+        return torch.empty(size, dtype=torch.uint8, device="cpu")
 
     def release(self, buffer: torch.Tensor) -> None:
         """Makes `buffer` (from `acquire`) idle, for reuse; frees idle buffers beyond `max_held_bytes` if set."""
