@@ -383,11 +383,13 @@ def test_offload_without_checkpointing_warns_what_to_set(monkeypatch):
 
 
 def test_bad_config_value_names_it():
-    model = make_model("llama", mini_sequence_offload="yes")
-    with pytest.raises(ValueError, match="config.mini_sequence_offload must be True or False, got 'yes'"):
-        loss_and_grads(model, random_batch())
+    message = "config.mini_sequence_offload must be True or False, got 'yes'"
+    with pytest.raises(ValueError, match=message):  # when the config is made, or at the latest in the forward
+        loss_and_grads(make_model("llama", mini_sequence_offload="yes"), random_batch())
+    model = make_model("llama")
     enable_checkpointing(model)
-    with pytest.raises(ValueError, match="config.mini_sequence_offload must be True or False, got 'yes'"):
+    model.config.__dict__["mini_sequence_offload"] = "yes"  # past any validation on assignment
+    with pytest.raises(ValueError, match=message):
         loss_and_grads(model, random_batch())
 
 
