@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -61,6 +63,34 @@ def close(a, b, rel):
     return abs(a - b) <= rel * max(a, b)
 
 
+def real_offload_peak(config, seq_len, setup, mini_sequence):
+    """`real_peak` of a setup that offloads checkpoints: the GPU's share, measured on the CPU.
+
+    A first step fills the offloader's pool with its host buffers; the measured second step reuses them, so the
+    allocator sees only what would be on the GPU (on the CPU both are the same RAM). The planner's host figure is
+    checked against the pool: its buffers in use at the peak, all of them idle after the step.
+    """
+    from minis.checkpoint_offload import offloader_of
+
+    config = _sim_config(config, config.num_hidden_layers, mini_sequence)
+    with _minis_patched(config.model_type), _real_run_decisions("native"):
+        torch.manual_seed(0)
+        model = build_model(config, setup)
+        optimizer = make_optimizer(model, setup)
+        batch = make_batch(config, seq_len, setup.batch_size)
+        run_training_step(model, batch, setup, LiveStorageTracker(), optimizer)
+        offloader = offloader_of(model)
+        pool_bytes = sum(pool.held_bytes for pool in offloader.pools.values())
+        allocations = sum(pool.allocations for pool in offloader.pools.values())
+        existing = [*model.parameters(), *model.buffers(), *(optimizer.state_tensors() if optimizer else []),
+                    *(v for v in batch.values() if isinstance(v, torch.Tensor))]
+        before = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in existing}.values())
+        measured = allocator_peak_bytes(
+            lambda: run_training_step(model, batch, setup, LiveStorageTracker(), optimizer)) + before
+        assert sum(pool.allocations for pool in offloader.pools.values()) == allocations, "the pool was reused"
+        return measured, pool_bytes
+
+
 # --- prediction vs the allocator ------------------------------------------------------------------------------
 @pytest.mark.parametrize("mini_sequence", [False, True])
 @pytest.mark.parametrize("setup", [TrainingSetup(), TrainingSetup(method="lora", attn="eager")],
@@ -94,6 +124,42 @@ def test_prediction_within_5_percent_of_the_cpu_allocator_more_setups(model_type
     assert close(predicted.total, measured, 0.05), (predicted.total, measured)
 
 
+@pytest.mark.parametrize("mini_sequence", [False, True])
+@pytest.mark.parametrize(
+    "setup",
+    [
+        TrainingSetup(grad_ckpt=True, offload_activations=True),
+        TrainingSetup(method="lora", grad_ckpt=True, offload_activations=True, every_n_layers=2),
+    ],
+    ids=["full", "lora-every-2nd"],
+)
+def test_offload_prediction_within_5_percent_of_the_cpu_allocator(setup, mini_sequence):
+    config = small_config(layers=10 if setup.every_n_layers > 1 else 6)
+    predicted = predict_peak(config, 512, setup, mini_sequence=mini_sequence, attention_memory="native")
+    assert predicted.extrapolated
+    measured, pool_bytes = real_offload_peak(config, 512, setup, mini_sequence)
+    assert close(predicted.total, measured, 0.05), (predicted.total, measured)
+    # Every offloaded checkpoint is in a pool buffer at the host peak (each 64 KiB input is its own size class).
+    assert predicted.host_activation_bytes == pool_bytes > 0
+
+
+def test_offload_moves_the_checkpoints_from_the_gpu_peak_to_host_ram():
+    """Llama-3-8B, LoRA, flash attention, 32K tokens: 32 checkpointed inputs of 32K x 4096 bf16 (256 MiB each).
+    minis keeps the last layer's and holds a prefetched one, upstream's save_on_cpu moves all 32 (the frozen
+    embedding's output among them, which stays on the GPU anyway)."""
+    layer_input = 32768 * 4096 * 2
+    base = TrainingSetup(method="lora", grad_ckpt=True, attn="flash")
+    offload = replace(base, offload_activations=True)
+    for mini_sequence, moved in ((True, 30), (False, 32)):
+        without = predict_peak("llama-3-8b", 32768, base, mini_sequence=mini_sequence)
+        with_offload = predict_peak("llama-3-8b", 32768, offload, mini_sequence=mini_sequence)
+        assert without.host_bytes == 0
+        assert with_offload.host_activation_bytes == with_offload.host_bytes == moved * layer_input
+        saved = without.components["activations"] - with_offload.components["activations"]
+        assert saved >= 29 * layer_input, (mini_sequence, saved / layer_input)
+        assert with_offload.total < without.total - 28 * layer_input
+
+
 # --- extrapolation --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "model_type,setup",
@@ -101,10 +167,12 @@ def test_prediction_within_5_percent_of_the_cpu_allocator_more_setups(model_type
         ("llama", TrainingSetup()),
         ("llama", TrainingSetup(method="lora", grad_ckpt=True)),
         ("gemma2", TrainingSetup(attn="flash", optimizer_in_backward=True)),
+        ("llama", TrainingSetup(method="lora", grad_ckpt=True, offload_activations=True)),
+        ("llama", TrainingSetup(grad_ckpt=True, every_n_layers=2, offload_activations=True)),
     ],
 )
 def test_extrapolated_peak_equals_the_full_simulation(model_type, setup):
-    config = small_config(model_type, layers=12 if model_type == "gemma2" else 6)
+    config = small_config(model_type, layers=12 if model_type == "gemma2" or setup.every_n_layers > 1 else 6)
     for mini_sequence in (False, True):
         extrapolated = predict_peak(config, 256, setup, mini_sequence=mini_sequence)
         simulated = predict_peak(config, 256, setup, mini_sequence=mini_sequence, extrapolate=False)
@@ -112,6 +180,7 @@ def test_extrapolated_peak_equals_the_full_simulation(model_type, setup):
         assert extrapolated.total == simulated.total
         assert extrapolated.components == simulated.components
         assert extrapolated.phase == simulated.phase
+        assert extrapolated.host_activation_bytes == simulated.host_activation_bytes
 
 
 # --- no seq^2 term with SDPA ----------------------------------------------------------------------------------
@@ -247,8 +316,27 @@ def test_cli_table(tmp_path, capsys):
     assert main(["--model", path, "--seq", "512", "--method", "lora", "--lora-rank", "8", "--grad-ckpt"]) == 0
     out = capsys.readouterr().out
     for words in ("upstream", "minis", "parameters", "optimizer state", "saved activations", "total peak",
-                  "LoRA r=8", "extrapolated"):
+                  "LoRA r=8", "extrapolated", "host RAM needed", "nothing offloaded"):
         assert words in out
+
+
+def test_cli_offload_options(tmp_path, capsys):
+    path = write_config(tmp_path, small_config(layers=6))
+    assert main(["--model", path, "--seq", "512", "--grad-ckpt", "--offload-activations", "--every-n-layers", "2",
+                 "--max-seq", "--gpu-mem", "64MiB", "--granularity", "128"]) == 0
+    out = capsys.readouterr().out
+    for words in ("gradient checkpointing of every 2nd layer, checkpoints offloaded to CPU", "host RAM needed",
+                  "offloaded checkpoints, pinned per rank", "; host RAM "):
+        assert words in out, (words, out)
+    assert main(["--model", path, "--seq", "512", "--grad-ckpt", "--offload-activations", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["setup"]["offload_activations"] and report["seq"]["minis"]["host_bytes"] > 0
+    # Too little host RAM for the offloaded checkpoints: the report says so, for the fixed length and the longest.
+    assert main(["--model", path, "--seq", "4096", "--grad-ckpt", "--offload-activations", "--host-mem", "1MiB",
+                 "--max-seq", "--gpu-mem", "64MiB", "--granularity", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "of host RAM per rank: upstream does not fit: the host would run out of RAM" in out, out
+    assert "minis at" in out and "GiB: the host would run out of RAM)" in out, out
 
 
 @pytest.mark.parametrize(
@@ -275,6 +363,11 @@ def test_cli_table(tmp_path, capsys):
         (["--model", "llama-3-8b", "--seq", "8", "--optimizer", "sgd"], ["'sgd'", "adamw"]),
         (["--model", "llama-3-8b", "--seq", "8", "--lora-rank", "8"], ["--lora-rank", "--method lora"]),
         (["--model", "llama-3-8b", "--seq", "8", "--offload-optimizer"], ["--offload-optimizer", "--zero-stage"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--offload-activations"], ["--offload-activations", "--grad-ckpt"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--every-n-layers", "2"], ["--every-n-layers 2", "--grad-ckpt"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--grad-ckpt", "--every-n-layers", "0"],
+         ["--every-n-layers", "0", "positive"]),
+        (["--model", "llama-3-8b", "--seq", "8", "--host-mem", "-1GiB"], ["--host-mem", "'-1GiB'", "positive"]),
         (["--model", "gemma-2-9b", "--seq", "8"], ["sdpa", "gemma2", "eager or flash"]),
         (["--model", "llama-3-8b", "--seq", "8", "--bogus"], ["--bogus"]),
     ],

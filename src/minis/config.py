@@ -11,6 +11,8 @@ keyword arguments or put them in `config.json`):
   None: ceil(vocab_size / hidden_size) chunks, so one chunk's logits are about the size of the hidden states.
 - `use_mini_sequence_loss` (bool, default True): False keeps the MLP chunked but runs upstream's LM head and
   loss, so training forwards return full `logits` (for a `compute_loss_func` or metrics that need them).
+- `mini_sequence_offload` (bool, default False): with activation checkpointing on, the checkpointed hidden states
+  go to host memory (`minis.checkpoint_offload`), as `activation_checkpointing_enable(offload=True)` asks.
 
 Values are checked when they are set (`ValidatedSetting`, installed on the families' config classes), so a bad value
 fails when the config is built or loaded, with a message naming the attribute, the value and what is allowed.
@@ -25,6 +27,7 @@ __all__ = [
     "CONFIG_DEFAULTS",
     "ValidatedSetting",
     "loss_chunking",
+    "mini_sequence_offload",
     "mlp_chunking",
     "use_mini_sequence",
     "use_mini_sequence_loss",
@@ -36,6 +39,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "mini_sequence_chunk_size": None,
     "mini_sequence_loss_chunk_size": None,
     "use_mini_sequence_loss": True,
+    "mini_sequence_offload": False,
 }
 
 
@@ -89,6 +93,10 @@ def use_mini_sequence(config: Any) -> bool:
 
 def use_mini_sequence_loss(config: Any) -> bool:
     return _read(config, "use_mini_sequence") and _read(config, "use_mini_sequence_loss")
+
+
+def mini_sequence_offload(config: Any) -> bool:
+    return _read(config, "mini_sequence_offload")
 
 
 def _distributed_world_size() -> int:

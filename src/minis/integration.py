@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from . import checkpoint_offload
 from . import config as minis_config
 from ._warn import warn_once
 from .peft_compat import sequence_dependent_adapter
@@ -232,6 +233,8 @@ def _mini_sequence_causal_lm_forward(upstream_forward):
     @functools.wraps(upstream_forward)
     def forward(self, *args, **kwargs):
         config = self.config
+        if self.training:
+            checkpoint_offload.warn_if_offload_without_checkpointing(self)
         if not (self.training and minis_config.use_mini_sequence_loss(config)):
             return upstream_forward(self, *args, **kwargs)
         # `can_return_tuple` (around upstream's forward) takes `return_dict` as a keyword only; so does this.
@@ -360,6 +363,7 @@ def patch_modeling_module(module) -> None:
         from_config = classmethod(_from_config_with_minis_kwargs())
         setattr(from_config, _UPSTREAM, None)
         pretrained_class._from_config = from_config
+    checkpoint_offload.patch_pretrained_class(pretrained_class)
 
 
 def unpatch_family(family: Family) -> None:
@@ -375,6 +379,7 @@ def unpatch_family(family: Family) -> None:
         pretrained_class = getattr(modeling, family.pretrained_class)
         if is_patched_method(pretrained_class.__dict__.get("_from_config")):
             del pretrained_class._from_config
+        checkpoint_offload.unpatch_pretrained_class(pretrained_class)
     configuration = sys.modules.get(family.configuration_module)
     if configuration is not None:
         config_class = getattr(configuration, family.config_class)

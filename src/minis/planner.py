@@ -112,6 +112,8 @@ class TrainingSetup:
     fsdp: bool = False
     world_size: int = 1
     offload_optimizer: bool = False
+    offload_activations: bool = False
+    every_n_layers: int = 1
 
     def validate(self) -> None:
         """Raises PlanError naming the bad value and what is allowed."""
@@ -124,6 +126,12 @@ class TrainingSetup:
             _positive("--lora-alpha", self.lora_alpha)
         _positive("--batch-size", self.batch_size)
         _positive("--world-size", self.world_size)
+        _positive("--every-n-layers", self.every_n_layers)
+        if self.offload_activations and not self.grad_ckpt:
+            raise PlanError("--offload-activations offloads what activation checkpointing saves: add --grad-ckpt "
+                            "(without checkpointing a layer keeps all its activations, not just its input)")
+        if self.every_n_layers != 1 and not self.grad_ckpt:
+            raise PlanError(f"--every-n-layers {self.every_n_layers} selects the checkpointed layers: add --grad-ckpt")
         if self.zero_stage not in (0, 1, 2, 3) or isinstance(self.zero_stage, bool):
             raise PlanError(f"--zero-stage {self.zero_stage!r} is not allowed; choose 0, 1, 2 or 3")
         if self.fsdp and self.zero_stage != 0:
@@ -153,6 +161,16 @@ class TrainingSetup:
             return "params"
         return {0: "none", 1: "optimizer", 2: "grads", 3: "params"}[self.zero_stage]
 
+    def _checkpointing_text(self) -> str:
+        if not self.grad_ckpt:
+            return "no gradient checkpointing"
+        text = "gradient checkpointing"
+        if self.every_n_layers > 1:
+            text += f" of every {_ordinal(self.every_n_layers)} layer"
+        if self.offload_activations:
+            text += ", checkpoints offloaded to CPU"
+        return text
+
     def describe(self) -> str:
         parts = [
             f"LoRA r={self.lora_rank} ({_targets_text(self.lora_targets)})" if self.method == "lora"
@@ -161,7 +179,7 @@ class TrainingSetup:
             {"adamw": "AdamW (fp32 states)", "adamw-bf16": "AdamW (bf16 states)",
              "none": "no optimizer"}[self.optimizer] + (" in backward" if self.optimizer_in_backward else ""),
             {"sdpa": "SDPA (CUDA kernels)", "eager": "eager attention", "flash": "flash-attention 2"}[self.attn],
-            "gradient checkpointing" if self.grad_ckpt else "no gradient checkpointing",
+            self._checkpointing_text(),
             f"batch {self.batch_size}",
         ]
         if self.fsdp:
@@ -173,6 +191,11 @@ class TrainingSetup:
         if self.offload_optimizer:
             parts.append("optimizer offloaded to CPU")
         return ", ".join(parts)
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _targets_text(targets: str | Sequence[str]) -> str:
@@ -433,7 +456,7 @@ def build_model(config, setup: TrainingSetup, *, fake_mode=None, device: str | N
         if device is not None:
             model = model.to(device)
     if setup.grad_ckpt:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        _enable_checkpointing(model, setup)
     if setup.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -451,6 +474,24 @@ def build_model(config, setup: TrainingSetup, *, fake_mode=None, device: str | N
         swap_in_fake_tensors(model, fake_mode)  # the meta originals are not needed again
     model.train()
     return model
+
+
+def _enable_checkpointing(model: nn.Module, setup: TrainingSetup) -> None:
+    """transformers' checkpointing switch, with `every_n_layers` and the offload `setup` asks for.
+
+    With minis on, `offload=True` gets minis' offloader (the last layer kept, one layer prefetched). Upstream's own
+    offload (`save_on_cpu(pin_memory=True)`) needs an accelerator, so upstream's column is modeled with an offloader
+    that behaves as `save_on_cpu` does: every layer's input moved when saved, restored when unpacked.
+    """
+    from .checkpoint_offload import install
+    from .ops.offload import CheckpointOffloader
+
+    minis_on = bool(getattr(model.config, "use_mini_sequence", False))
+    model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=setup.every_n_layers,
+                                          offload=setup.offload_activations and minis_on)
+    if setup.offload_activations and not minis_on:
+        save_on_cpu_like = CheckpointOffloader(keep_last=False, prefetch=False, offload_leaves=True)
+        install(model, requested=True, offloader=save_on_cpu_like)
 
 
 class _AdamW:
@@ -639,8 +680,19 @@ def simulate_step(config, seq_len: int, setup: TrainingSetup, *, mini_sequence: 
             batch = make_batch(config, seq_len, setup.batch_size)
             tracker = tracker if tracker is not None else LiveStorageTracker()
             timeline = run_training_step(model, batch, setup, tracker, optimizer)
+            label_host_buffers(model, tracker)
     timeline.info = _model_info(model, setup)
     return timeline
+
+
+def label_host_buffers(model: nn.Module, tracker: LiveStorageTracker) -> None:
+    """Labels the host buffers of `model`'s checkpoint offloader "host" (after the step, when they are idle in the
+    pool and still alive), which moves them out of the GPU's share, at the peak too."""
+    from .checkpoint_offload import offloader_of
+
+    offloader = offloader_of(model)
+    if offloader is not None:
+        tracker.relabel(offloader.host_buffers(), "host")
 
 
 def _model_info(model: nn.Module, setup: TrainingSetup) -> dict[str, Any]:
@@ -679,12 +731,13 @@ def _weights(setup: TrainingSetup) -> dict[str, float]:
         "optimizer_step": optimizer,
         "activations": 1.0,
         "temporaries": 1.0,
+        "host": 0.0,  # offloaded checkpoints: host RAM, not GPU memory
     }
 
 
 def _category(record: StorageRecord, forward_end: int) -> str:
     label = record.label
-    if label in ("parameters", "gradients", "optimizer_state", "optimizer_step"):
+    if label in ("parameters", "gradients", "optimizer_state", "optimizer_step", "host"):
         return label
     if label == "inputs":
         return "activations"
@@ -738,7 +791,7 @@ def _phase_peaks(timeline: StepTimeline, weights: Mapping[str, float], block: in
     last_event = max(changes) if changes else 0
     marks = sorted(timeline.phase_marks)
     totals = {name: 0 for name in ("parameters", "gradients", "optimizer_state", "optimizer_step", "activations",
-                                   "temporaries")}
+                                   "temporaries", "host")}
     # Registered storages have event indices before the first mark; they are all in place when "pre" starts.
     peaks: dict[str, _PhasePeak] = {}
     mark_index = 0
@@ -784,11 +837,19 @@ class PeakEstimate:
     total_params: int
     seconds: float
     seq_by_seq_tensors: bool = False  # the step materializes (..., seq, seq) tensors: attention scores or a mask
+    host_activation_bytes: int = 0  # the offloaded checkpoints' host buffers at their peak (pinned on a GPU)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host RAM per rank that the step needs beyond the process itself: offloaded checkpoints and optimizer
+        state (the model's weights while loading, the CUDA context and the data pipeline are not counted)."""
+        return self.host_activation_bytes + self.cpu_offloaded_bytes
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["largest_temporaries"] = [{"what": what, "bytes": size} for what, size in self.largest_temporaries]
         data["phase_title"] = PHASE_TITLES.get(self.phase, self.phase)
+        data["host_bytes"] = self.host_bytes
         return data
 
 
@@ -825,15 +886,21 @@ def predict_peak(model: Any, seq_len: int, setup: TrainingSetup | None = None, *
     _attn_implementation(config, setup.attn)  # gemma2 + sdpa is refused before any work
     started = time.perf_counter()
     num_layers = config.num_hidden_layers
-    period = _layer_period(config)
-    if extrapolate and num_layers % period == 0 and num_layers > 3 * period:
-        counts = (2 * period, 3 * period)
+    period = math.lcm(_layer_period(config), setup.every_n_layers if setup.grad_ckpt else 1)
+    # With offloaded checkpoints the first two blocks can be special (a frozen embedding's output stays on the GPU,
+    # so with two blocks nothing may be offloaded at all): extrapolate from three and four blocks then.
+    first = 3 if setup.offload_activations else 2
+    if extrapolate and num_layers % period == 0 and num_layers > (first + 1) * period:
+        counts = (first * period, (first + 1) * period)
     else:
         counts = (num_layers,)
     weights = _weights(setup)
     timelines = [simulate_step(config, seq_len, setup, mini_sequence=mini_sequence, num_layers=count,
                                attention_memory=attention_memory) for count in counts]
     peaks = [_phase_peaks(timeline, weights, period) for timeline in timelines]
+    host_peaks = [_host_peak(timeline) for timeline in timelines]
+    host_activations = host_peaks[-1] if len(counts) == 1 else \
+        host_peaks[0] + (num_layers // period - first) * (host_peaks[1] - host_peaks[0])
     if len(counts) == 1:
         combined = {cls: (peak.total, peak.components) for cls, peak in peaks[0].items()}
     else:
@@ -845,8 +912,9 @@ def predict_peak(model: Any, seq_len: int, setup: TrainingSetup | None = None, *
             if cls not in peaks[0]:
                 continue
             two, three = peaks[0][cls], peaks[1][cls]
-            total = two.total + (blocks - 2) * (three.total - two.total)
-            components = {name: two.components[name] + (blocks - 2) * (three.components[name] - two.components[name])
+            total = two.total + (blocks - first) * (three.total - two.total)
+            components = {name: two.components[name]
+                          + (blocks - first) * (three.components[name] - two.components[name])
                           for name in two.components}
             combined[cls] = (total, components)
     phase = max(combined, key=lambda cls: combined[cls][0])
@@ -886,7 +954,23 @@ def predict_peak(model: Any, seq_len: int, setup: TrainingSetup | None = None, *
         total_params=int(total_params),
         seconds=time.perf_counter() - started,
         seq_by_seq_tensors=seq_len > 1 and any(f", {seq_len}, {seq_len}) " in r.description for r in last.records),
+        host_activation_bytes=int(host_activations),
     )
+
+
+def _host_peak(timeline: StepTimeline) -> int:
+    """The most bytes of "host"-labelled storages (offloaded checkpoints) alive at once in a step."""
+    changes = []
+    for record in timeline.records:
+        if record.label == "host":
+            changes.append((record.allocated_at, record.nbytes))
+            if record.freed_at is not None:
+                changes.append((record.freed_at, -record.nbytes))
+    running = peak = 0
+    for _, change in sorted(changes):
+        running += change
+        peak = max(peak, running)
+    return peak
 
 
 def _per_layer(timelines: list[StepTimeline], key: str) -> float:
@@ -983,9 +1067,12 @@ def find_max_seq(model: Any, gpu_mem: int, setup: TrainingSetup | None = None, *
 # plan(): both variants, and the report
 # ----------------------------------------------------------------------------------------------------------------
 def plan(model: Any, *, seq: int | None = None, max_seq: bool = False, gpu_mem: int | str | None = None,
-         setup: TrainingSetup | None = None, granularity: int = 256, **setup_fields: Any) -> dict[str, Any]:
+         setup: TrainingSetup | None = None, granularity: int = 256, host_mem: int | str | None = None,
+         **setup_fields: Any) -> dict[str, Any]:
     """Predicts upstream's and minis' peak at `seq` and/or the longest sequence that fits in `gpu_mem`.
 
+    With `host_mem` (host RAM per rank available for offloaded tensors), every estimate also says whether its host
+    RAM fits; the longest-sequence search is by GPU memory, and the report says when the host would run out first.
     Setup fields can be given as `setup=TrainingSetup(...)` or as keyword arguments (`method="lora"`, ...).
     Returns the report that `minis plan --json` prints.
     """
@@ -1007,6 +1094,10 @@ def plan(model: Any, *, seq: int | None = None, max_seq: bool = False, gpu_mem: 
         raise PlanError(f"--gpu-mem {gpu_mem!r} is not possible; give a positive size such as 80GiB")
     if max_seq and gpu_mem is None:
         raise PlanError("--max-seq needs --gpu-mem SIZE (the memory of one GPU, e.g. 80GiB)")
+    if isinstance(host_mem, str):
+        host_mem = parse_memory_size(host_mem, "--host-mem")
+    if host_mem is not None and (isinstance(host_mem, bool) or not isinstance(host_mem, int) or host_mem < 1 << 20):
+        raise PlanError(f"--host-mem {host_mem!r} is not possible; give a positive size such as 512GiB")
     _positive("--granularity", granularity)
     config = load_model_config(model)
     _attn_implementation(config, setup.attn)
@@ -1017,6 +1108,7 @@ def plan(model: Any, *, seq: int | None = None, max_seq: bool = False, gpu_mem: 
         "setup": asdict(setup),
         "setup_text": setup.describe(),
         "gpu_mem": gpu_mem,
+        "host_mem": host_mem,
         "predicts": "a CUDA run; tensors counted by the PyTorch caching allocator's view (no CUDA context, "
                     "kernel workspaces or fragmentation)",
     }
@@ -1030,6 +1122,8 @@ def plan(model: Any, *, seq: int | None = None, max_seq: bool = False, gpu_mem: 
             "ratio": minis.total / upstream.total,
             "fits": None if gpu_mem is None
             else {"upstream": upstream.total <= gpu_mem, "minis": minis.total <= gpu_mem},
+            "host_fits": None if host_mem is None
+            else {"upstream": upstream.host_bytes <= host_mem, "minis": minis.host_bytes <= host_mem},
         }
     if max_seq:
         cache: dict = {}
@@ -1037,7 +1131,9 @@ def plan(model: Any, *, seq: int | None = None, max_seq: bool = False, gpu_mem: 
         for name, flag in (("upstream", False), ("minis", True)):
             length, estimate = find_max_seq(config, gpu_mem, setup, mini_sequence=flag, granularity=granularity,
                                             cache=cache)
-            found[name] = {"max_seq": length, "peak": None if estimate is None else estimate.to_dict()}
+            found[name] = {"max_seq": length, "peak": None if estimate is None else estimate.to_dict(),
+                           "host_fits": None if host_mem is None or estimate is None
+                           else estimate.host_bytes <= host_mem}
         up, ms = found["upstream"]["max_seq"], found["minis"]["max_seq"]
         report["max_seq"] = {**found, "granularity": granularity, "factor": (ms / up) if up else None}
     return report
@@ -1045,6 +1141,12 @@ def plan(model: Any, *, seq: int | None = None, max_seq: bool = False, gpu_mem: 
 
 def _gib(value: float) -> str:
     return f"{value / GiB:.2f} GiB"
+
+
+def _host_text(setup: Mapping[str, Any]) -> str:
+    offloaded = [what for what, on in (("offloaded checkpoints, pinned", setup.get("offload_activations")),
+                                       ("offloaded optimizer state", setup.get("offload_optimizer"))) if on]
+    return " + ".join(offloaded) + " per rank" if offloaded else "nothing offloaded"
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -1072,9 +1174,16 @@ def format_report(report: Mapping[str, Any]) -> str:
                 lines.append(f"  largest temporaries ({name}): {temps}")
         if up["cpu_offloaded_bytes"]:
             lines.append(f"  optimizer state offloaded to CPU memory: {_gib(up['cpu_offloaded_bytes'])} per rank")
+        lines.append(f"  {'host RAM needed':<22}{_gib(up['host_bytes']):>14}{_gib(ms['host_bytes']):>14}"
+                     f"{'':>16}  ({_host_text(report['setup'])})")
         if part["fits"] is not None:
             fits = {k: "fits" if v else "does not fit" for k, v in part["fits"].items()}
             lines.append(f"  in {_gib(report['gpu_mem'])}: upstream {fits['upstream']}, minis {fits['minis']}")
+        if part.get("host_fits") is not None:
+            fits = {k: "fits" if v else "does not fit: the host would run out of RAM"
+                    for k, v in part["host_fits"].items()}
+            lines.append(f"  in {_gib(report['host_mem'])} of host RAM per rank: upstream {fits['upstream']}, "
+                         f"minis {fits['minis']}")
         note = up
     if "max_seq" in report:
         part = report["max_seq"]
@@ -1086,8 +1195,10 @@ def format_report(report: Mapping[str, Any]) -> str:
         for name in ("upstream", "minis"):
             peak = part[name]["peak"]
             if peak is not None:
+                host_note = "" if part[name].get("host_fits") in (None, True) else \
+                    f" (more than --host-mem {_gib(report['host_mem'])}: the host would run out of RAM)"
                 lines.append(f"  {name} at {peak['seq_len']:,}: peak {_gib(peak['total'])} during "
-                             f"{peak['phase_title']}")
+                             f"{peak['phase_title']}; host RAM {_gib(peak['host_bytes'])}{host_note}")
         note = note or part["minis"]["peak"] or part["upstream"]["peak"]
     if note is not None:
         estimates = [(report.get("seq") or {}).get(name) for name in ("upstream", "minis")]
@@ -1130,6 +1241,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq", type=_int_option("--seq"), help="tokens per sequence to predict the peak for")
     parser.add_argument("--max-seq", action="store_true", help="find the longest sequence that fits in --gpu-mem")
     parser.add_argument("--gpu-mem", help="memory of one GPU, e.g. 80GiB (GiB/GB/G/MiB...)")
+    parser.add_argument("--host-mem", help="host RAM per rank for offloaded tensors, e.g. 512GiB: the report says "
+                        "whether the offloaded checkpoints and optimizer state fit")
     parser.add_argument("--granularity", type=_int_option("--granularity"), default=256,
                         help="--max-seq searches multiples of this many tokens (default 256)")
     parser.add_argument("--method", default="full", help="full or lora")
@@ -1144,6 +1257,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=False,
                         help="gradient (activation) checkpointing of every decoder layer")
     parser.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
+    parser.add_argument("--every-n-layers", type=_int_option("--every-n-layers"), default=1,
+                        help="with --grad-ckpt, checkpoint only every N-th decoder layer (default 1: all)")
+    parser.add_argument("--offload-activations", action="store_true",
+                        help="with --grad-ckpt, keep the checkpointed hidden states in CPU memory "
+                             "(activation_checkpointing_enable(offload=True))")
     parser.add_argument("--attn", default="sdpa", help="sdpa, eager or flash (flash-attention 2)")
     parser.add_argument("--batch-size", type=_int_option("--batch-size"), default=1)
     parser.add_argument("--zero-stage", type=_int_option("--zero-stage"), default=0, help="DeepSpeed ZeRO 0..3")
@@ -1182,13 +1300,15 @@ def main(argv: list[str] | None = None) -> int:
             fsdp=args.fsdp,
             world_size=args.world_size,
             offload_optimizer=args.offload_optimizer,
+            offload_activations=args.offload_activations,
+            every_n_layers=args.every_n_layers,
         )
         if args.gpu_mem is not None:
             gpu_mem = parse_memory_size(args.gpu_mem)
         else:
             gpu_mem = None
         report = plan(args.model, seq=args.seq, max_seq=args.max_seq, gpu_mem=gpu_mem, setup=setup,
-                      granularity=args.granularity)
+                      granularity=args.granularity, host_mem=args.host_mem)
     except PlanError as error:
         print(f"minis plan: error: {error}", file=sys.stderr)
         return 2
@@ -1196,8 +1316,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_VALUE_OPTIONS = ("--seq", "--gpu-mem", "--granularity", "--lora-rank", "--lora-alpha", "--batch-size", "--zero-stage",
-                  "--world-size")
+_VALUE_OPTIONS = ("--seq", "--gpu-mem", "--host-mem", "--granularity", "--lora-rank", "--lora-alpha", "--batch-size",
+                  "--zero-stage", "--world-size", "--every-n-layers")
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:
