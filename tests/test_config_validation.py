@@ -16,6 +16,7 @@ BAD_VALUES = [
     ("mini_sequence_loss_chunk_size", -3, r"config\.mini_sequence_loss_chunk_size must be a positive int .* got -3"),
     ("use_mini_sequence", "yes", r"config\.use_mini_sequence must be True or False, got 'yes'"),
     ("use_mini_sequence_loss", 1, r"config\.use_mini_sequence_loss must be True or False, got 1"),
+    ("mini_sequence_offload", "cpu", r"config\.mini_sequence_offload must be True or False, got 'cpu'"),
 ]
 
 

@@ -9,7 +9,8 @@ transformers imports it, and `MINIS=0` in the environment turns that off. The ex
     minis.is_active(model)  # does this model run mini-sequence code?
 
 Per model, the config attributes `use_mini_sequence`, `mini_sequence_chunk_size`,
-`mini_sequence_loss_chunk_size` and `use_mini_sequence_loss` control it (see `minis.config`).
+`mini_sequence_loss_chunk_size`, `use_mini_sequence_loss` and `mini_sequence_offload` control it (see
+`minis.config`).
 
 This module imports neither torch nor transformers: it is imported at every interpreter start-up.
 """
