@@ -46,7 +46,9 @@ def model_flops_per_token(config, seq_len: int) -> float:
     return 6 * matmul_params + 6 * layers * seq_len * hidden
 
 
-def run_one(seq_len: int, layers: int, use_mini_sequence: bool, steps: int, warmup: int, grad_ckpt: bool) -> dict:
+def run_one(
+    seq_len: int, layers: int, use_mini_sequence: bool, steps: int, warmup: int, grad_ckpt: bool, offload: bool
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -56,7 +58,7 @@ def run_one(seq_len: int, layers: int, use_mini_sequence: bool, steps: int, warm
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
     model.train()
     if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, offload)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(0, config.vocab_size, (1, seq_len), device="cuda")
     batch = {"input_ids": ids, "labels": ids, "use_cache": False}
@@ -88,11 +90,27 @@ def run_one(seq_len: int, layers: int, use_mini_sequence: bool, steps: int, warm
             "peak_bytes": peak}
 
 
-def predicted_peak(seq_len: int, layers: int, use_mini_sequence: bool, grad_ckpt: bool) -> int:
+def enable_checkpointing(model, offload: bool) -> None:
+    """Non-reentrant checkpointing of every layer; with `offload`, minis' asynchronous offload for the minis
+    variant and upstream's `save_on_cpu` for the upstream one (transformers >= 5.23, which has the switch)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
+        return
+    # Older transformers (the GPU image has 5.17): no offload switch upstream; minis reads its config attribute.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if offload and not model.config.use_mini_sequence:
+        raise SystemExit("--offload for upstream needs transformers >= 5.23 (activation_checkpointing_enable)")
+    model.config.mini_sequence_offload = offload
+
+
+def predicted_peak(seq_len: int, layers: int, use_mini_sequence: bool, grad_ckpt: bool, offload: bool) -> int:
     from minis.planner import TrainingSetup, predict_peak
 
     config = llama3_shaped_config(layers, use_mini_sequence)
-    setup = TrainingSetup(method="full", dtype="bf16", optimizer="adamw-bf16", attn="sdpa", grad_ckpt=grad_ckpt)  # torch AdamW: param dtype
+    setup = TrainingSetup(  # torch AdamW: states in the parameters' dtype
+        method="full", dtype="bf16", optimizer="adamw-bf16", attn="sdpa", grad_ckpt=grad_ckpt,
+        offload_activations=offload,
+    )
     return predict_peak(config, seq_len, setup, mini_sequence=use_mini_sequence).total
 
 
@@ -106,8 +124,12 @@ def main(argv=None) -> int:
                         help="the GPU's dense bf16 peak (default: looked up from the device name)")
     parser.add_argument("--grad-ckpt", action="store_true",
                         help="activation checkpointing of every layer (non-reentrant), for both variants")
+    parser.add_argument("--offload", action="store_true",
+                        help="with --grad-ckpt: activation_checkpointing_enable(offload=True) for both variants")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.offload and not args.grad_ckpt:
+        parser.error("--offload moves the checkpointed hidden states: add --grad-ckpt")
 
     import torch
 
@@ -127,12 +149,17 @@ def main(argv=None) -> int:
             return 2
     results = []
     checkpointing = "activation checkpointing" if args.grad_ckpt else "no checkpointing"
+    checkpointing += " with offload" if args.offload else ""
     print(f"{name}, Llama-3-8B shape with {args.layers} layers, bf16, SDPA, fused AdamW, batch 1, {checkpointing}")
     print(f"{'seq':>7} {'variant':>9} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'planned GiB':>12}")
     for seq_len in args.seq:
         for use_mini_sequence in (False, True):
-            result = run_one(seq_len, args.layers, use_mini_sequence, args.steps, args.warmup, args.grad_ckpt)
-            result["predicted_peak_bytes"] = predicted_peak(seq_len, args.layers, use_mini_sequence, args.grad_ckpt)
+            result = run_one(
+                seq_len, args.layers, use_mini_sequence, args.steps, args.warmup, args.grad_ckpt, args.offload
+            )
+            result["predicted_peak_bytes"] = predicted_peak(
+                seq_len, args.layers, use_mini_sequence, args.grad_ckpt, args.offload
+            )
             variant = "minis" if use_mini_sequence else "upstream"
             if result["oom"]:
                 print(f"{seq_len:>7} {variant:>9} {'OOM':>10}")
@@ -145,7 +172,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"device": name, "peak_tflops": peak_tflops, "layers": args.layers,
-                       "grad_ckpt": args.grad_ckpt, "results": results},
+                       "grad_ckpt": args.grad_ckpt, "offload": args.offload, "results": results},
                       handle, indent=1)
     return 0
 
