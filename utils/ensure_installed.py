@@ -94,12 +94,18 @@ def _unsatisfied(requirement_text: str, extras: list[str], requirement_class) ->
     return None
 
 
-def missing(extras: list[str], extra_requirements: list[str]) -> list[str]:
-    """Why minis with `extras` and `extra_requirements` must be (re)installed; empty when nothing is missing."""
-    try:
-        dist = metadata.distribution(DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        return ["minis is not installed"]
+def missing(
+    extras: list[str], extra_requirements: list[str], dist: metadata.Distribution | None = None
+) -> list[str]:
+    """Why minis with `extras` and `extra_requirements` must be (re)installed; empty when nothing is missing.
+
+    `dist` is the installed minis to check (default: the one this Python finds).
+    """
+    if dist is None:
+        try:
+            dist = metadata.distribution(DISTRIBUTION)
+        except metadata.PackageNotFoundError:
+            return ["minis is not installed"]
     for check in (_installed_from_this_checkout, _installed_files_missing, _setup_changed_since_install):
         reason = check(dist)
         if reason:
