@@ -175,7 +175,7 @@ def test_deepspeed_zero3_matches_one_process(tmp_path, worker_module, family):
         import deepspeed  # noqa: F401
     except ImportError as error:
         pytest.skip(f"DeepSpeed is not installed ({error}); `DS_BUILD_OPS=0 pip install deepspeed` runs this on CPU")
-    ranks = launch("zero3", tmp_path, family=family, timeout=240)
+    ranks = launch("zero3", tmp_path, family=family, timeout=180)
     reference = worker_module.reference_run(family, world_size=2, lengths=worker_module.UNEVEN_LENGTHS)
     for result in ranks:
         assert max_relative_difference(result["state"], reference["state"]) < WEIGHT_RTOL
