@@ -10,7 +10,7 @@ prints which one:
   of them, and `minis.pth` (the import hook's start-up file) is in place;
 - setup.py has not changed since that install (its requirements live in the installed metadata);
 - every requirement of minis and of the requested extras, and every extra REQUIREMENT given on the command line
-  (e.g. `transformers==5.17.0` for `make test-compat`), is installed at a version it allows.
+  (e.g. `transformers==5.0.0` for `make test-compat`), is installed at a version it allows.
 
 When all hold, nothing is installed or upgraded: a newer release on the index is not a reason to reinstall.
 Standard library only, except for requirement parsing, which uses `packaging` or the copy pip ships.
@@ -137,7 +137,7 @@ def parse_extras(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--extras", type=parse_extras, default=[], help="comma-separated extras of minis, e.g. test,plot")
-    parser.add_argument("requirements", nargs="*", help="further requirements to hold, e.g. transformers==5.17.0")
+    parser.add_argument("requirements", nargs="*", help="further requirements to hold, e.g. transformers==5.0.0")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, UTILS_DIR)
