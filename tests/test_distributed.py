@@ -122,8 +122,9 @@ def launch(scenario: str, out_dir, family: str = "llama", world_size: int = 2, t
     if timed_out:
         tails = "\n".join(f"--- rank {rank}:\n{output[-2000:]}" for rank, output in enumerate(outputs))
         pytest.fail(f"{scenario}: the ranks did not finish within {timeout} s (deadlock?), killed:\n{tails}")
-    for rank, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"{scenario} rank {rank} failed:\n{output[-4000:]}"
+    failed = [f"--- rank {rank} failed:\n{output[-4000:]}" for rank, (process, output) in
+              enumerate(zip(processes, outputs)) if process.returncode != 0]  # fmt: skip
+    assert not failed, f"{scenario}:\n" + "\n".join(failed)
     built = os.listdir(extensions_dir) if os.path.isdir(extensions_dir) else []
     assert not built, f"{scenario}: the ranks built C++ extensions {built} during the test"
     return [torch.load(os.path.join(out_dir, f"rank{rank}.pt")) for rank in range(world_size)]
