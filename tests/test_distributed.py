@@ -18,8 +18,10 @@ prove:
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -39,10 +41,47 @@ def worker_module():
     return distributed_worker
 
 
+# Stands in for the C++ compiler in the ranks: a test that starts a JIT build (of a DeepSpeed op, say) fails at once
+# with this name in its log, instead of compiling for minutes inside a timed test.
+NO_COMPILER = "no-c++-compiler-during-minis-tests"
+
+
+def kill_process_groups(processes: list[subprocess.Popen]) -> None:
+    """Kills each process with everything it started (each was started as the leader of its own session)."""
+    for process in processes:
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait()
+
+
+def run_or_kill(command: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True)`, but on `timeout` it kills the command together with
+    the processes it started (torchrun's ranks) and fails the test with the output so far."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_groups([process])
+        output, _ = process.communicate()
+        pytest.fail(f"{command[:4]}... did not finish within {timeout} s, killed:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, output, "")
+
+
 def launch(scenario: str, out_dir, family: str = "llama", world_size: int = 2, timeout: int = 120) -> list[dict]:
-    """Runs `scenario` on `world_size` local ranks; returns each rank's saved result, or fails with their output."""
+    """Runs `scenario` on `world_size` local ranks; returns each rank's saved result, or fails with their output.
+
+    The ranks get an empty torch extensions directory of their own and no C++ compiler, so no stale build lock
+    from an earlier, killed run can make them wait, and any JIT build fails fast. On `timeout` every rank and what
+    it started is killed and the test fails with the ranks' output so far.
+    """
     port = free_port()
-    processes = []
+    extensions_dir = os.path.join(out_dir, "torch_extensions")
+    processes, logs = [], []
     for rank in range(world_size):
         env = {
             **os.environ,
@@ -52,28 +91,42 @@ def launch(scenario: str, out_dir, family: str = "llama", world_size: int = 2, t
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
+            "TORCH_EXTENSIONS_DIR": extensions_dir,
+            "CXX": NO_COMPILER,
         }
+        logs.append(open(os.path.join(out_dir, f"rank{rank}.log"), "w+"))
         processes.append(
             subprocess.Popen(
                 [sys.executable, WORKER, scenario, str(out_dir), family],
                 env=env,
                 cwd=REPO_ROOT,
-                stdout=subprocess.PIPE,
+                stdout=logs[-1],
                 stderr=subprocess.STDOUT,
                 text=True,
+                start_new_session=True,
             )
         )
-    outputs = []
+    deadline = time.monotonic() + timeout
+    timed_out = False
     try:
         for process in processes:
-            output, _ = process.communicate(timeout=timeout)
-            outputs.append(output)
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
     except subprocess.TimeoutExpired:
-        for process in processes:
-            process.kill()
-        pytest.fail(f"{scenario}: the ranks did not finish within {timeout} s (deadlock?)")
-    for rank, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"{scenario} rank {rank} failed:\n{output[-4000:]}"
+        timed_out = True
+        kill_process_groups(processes)
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    if timed_out:
+        tails = "\n".join(f"--- rank {rank}:\n{output[-2000:]}" for rank, output in enumerate(outputs))
+        pytest.fail(f"{scenario}: the ranks did not finish within {timeout} s (deadlock?), killed:\n{tails}")
+    failed = [f"--- rank {rank} failed:\n{output[-4000:]}" for rank, (process, output) in
+              enumerate(zip(processes, outputs)) if process.returncode != 0]  # fmt: skip
+    assert not failed, f"{scenario}:\n" + "\n".join(failed)
+    built = os.listdir(extensions_dir) if os.path.isdir(extensions_dir) else []
+    assert not built, f"{scenario}: the ranks built C++ extensions {built} during the test"
     return [torch.load(os.path.join(out_dir, f"rank{rank}.pt")) for rank in range(world_size)]
 
 
@@ -123,7 +176,7 @@ def test_deepspeed_zero3_matches_one_process(tmp_path, worker_module, family):
         import deepspeed  # noqa: F401
     except ImportError as error:
         pytest.skip(f"DeepSpeed is not installed ({error}); `DS_BUILD_OPS=0 pip install deepspeed` runs this on CPU")
-    ranks = launch("zero3", tmp_path, family=family, timeout=240)
+    ranks = launch("zero3", tmp_path, family=family, timeout=180)
     reference = worker_module.reference_run(family, world_size=2, lengths=worker_module.UNEVEN_LENGTHS)
     for result in ranks:
         assert max_relative_difference(result["state"], reference["state"]) < WEIGHT_RTOL
@@ -148,8 +201,8 @@ def test_sft_example_under_ddp(tmp_path):
         "--bf16", "False", "--use_cpu", "True", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
-    log = result.stdout + result.stderr
+    result = run_or_kill(command, timeout=300, env=env, cwd=REPO_ROOT)
+    log = result.stdout
     assert result.returncode == 0, log[-5000:]
     assert log.count("minis active: True") == 2
     assert "MULTI_CPU over 2 process(es)" in log and "DistributedDataParallel" in log

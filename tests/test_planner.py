@@ -279,9 +279,10 @@ def test_max_seq_is_the_longest_that_fits_and_minis_fits_longer():
         assert after.total > budget
         results[flag] = length
     assert results[True] > results[False]
-    bigger, _ = find_max_seq(config, 2 * budget, setup, mini_sequence=False, granularity=128)
+    # The cache holds predictions per length, whatever the budget: the searches below reuse the ones above.
+    bigger, _ = find_max_seq(config, 2 * budget, setup, mini_sequence=False, granularity=128, cache=cache)
     assert bigger > results[False]
-    nothing, estimate = find_max_seq(config, 1 << 20, setup, mini_sequence=False, granularity=128)
+    nothing, estimate = find_max_seq(config, 1 << 20, setup, mini_sequence=False, granularity=128, cache=cache)
     assert (nothing, estimate) == (0, None)
 
 

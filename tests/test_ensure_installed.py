@@ -1,0 +1,79 @@
+"""utils/ensure_installed.py: when `make demo` / `make test` call pip, checked on fake installed metadata."""
+
+import json
+import os
+import sys
+from importlib import metadata
+
+import pytest
+from helpers import REPO_ROOT
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "utils"))
+import ensure_installed  # noqa: E402
+
+
+def fake_install(tmp_path, requires=("torch>=2.4",), extras=("test",), url=None, editable=True, record_extra=()):
+    """A minis dist-info in `tmp_path`, as pip leaves it after `pip install -e <url>`, and its Distribution."""
+    dist_info = tmp_path / "minis-0.1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    lines = ["Metadata-Version: 2.1", "Name: minis", "Version: 0.1.0"]
+    lines += [f"Provides-Extra: {extra}" for extra in extras] + [f"Requires-Dist: {r}" for r in requires]
+    (dist_info / "METADATA").write_text("\n".join(lines) + "\n")
+    direct_url = {"url": "file://" + (url or REPO_ROOT), "dir_info": {"editable": editable}}
+    (dist_info / "direct_url.json").write_text(json.dumps(direct_url))
+    (tmp_path / "minis.pth").write_text("")
+    files = ["minis-0.1.0.dist-info/METADATA", "minis-0.1.0.dist-info/direct_url.json", "minis.pth", *record_extra]
+    (dist_info / "RECORD").write_text("".join(f"{name},,\n" for name in files) + "minis-0.1.0.dist-info/RECORD,,\n")
+    return metadata.PathDistribution(dist_info)
+
+
+def test_nothing_missing_when_installed_editable_from_this_checkout(tmp_path):
+    dist = fake_install(tmp_path, requires=("torch>=2.4", 'pytest>=7; extra == "test"', 'nosuchpkg; extra == "x"'))
+    assert ensure_installed.missing(["test"], [], dist=dist) == []
+
+
+def test_an_unmet_requirement_of_a_requested_extra_is_named(tmp_path):
+    dist = fake_install(tmp_path, requires=("torch>=2.4", 'nosuchpkg-minis-test>=1; extra == "test"'))
+    assert ensure_installed.missing([], [], dist=dist) == []  # the extra is not requested
+    assert ensure_installed.missing(["test"], [], dist=dist) == [
+        "nosuchpkg-minis-test is not installed (needs nosuchpkg-minis-test>=1)"
+    ]
+
+
+def test_a_version_out_of_range_is_named(tmp_path):
+    dist = fake_install(tmp_path, requires=("torch>=1000",))
+    (reason,) = ensure_installed.missing([], [], dist=dist)
+    assert reason.startswith("torch ") and reason.endswith("is installed, but torch>=1000 is required")
+    (reason,) = ensure_installed.missing([], ["pytest==0.0.1"], dist=fake_install(tmp_path / "again"))
+    assert "pytest==0.0.1 is required" in reason
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"url": "/somewhere/else"}, "not from this checkout"),
+        ({"editable": False}, "but not editable"),
+        ({"record_extra": ["gone.py"]}, "the installed file gone.py is missing"),
+    ],
+    ids=["other-checkout", "not-editable", "file-removed"],
+)
+def test_an_install_that_is_not_this_checkouts_is_redone(tmp_path, kwargs, expected):
+    (reason,) = ensure_installed.missing([], [], dist=fake_install(tmp_path, **kwargs))
+    assert expected in reason
+
+
+def test_an_extra_the_installed_metadata_lacks_is_named(tmp_path):
+    (reason,) = ensure_installed.missing(["deepspeed"], [], dist=fake_install(tmp_path, extras=("test",)))
+    assert reason == "the installed minis has no extra deepspeed (it provides test)"
+
+
+def test_setup_py_newer_than_the_install_is_redone(tmp_path):
+    dist = fake_install(tmp_path)
+    setup_mtime = os.path.getmtime(os.path.join(REPO_ROOT, "setup.py"))
+    os.utime(tmp_path / "minis-0.1.0.dist-info" / "METADATA", (setup_mtime - 10, setup_mtime - 10))
+    assert ensure_installed.missing([], [], dist=dist) == ["setup.py changed since minis was installed"]
+
+
+def test_bad_extra_name_is_refused():
+    with pytest.raises(SystemExit):
+        ensure_installed.main(["--extras", "test,pl ot"])
