@@ -28,7 +28,8 @@ TRANSFORMERS_VERSION ?= 5.0.0
 test-compat:
 	test -x .venv-compat/bin/python || $(PYTHON) -m venv .venv-compat
 	.venv-compat/bin/python utils/ensure_installed.py --extras test "transformers==$(TRANSFORMERS_VERSION)"
-	.venv-compat/bin/python -m pytest tests/test_ops.py tests/test_models.py tests/test_activation.py $(PYTEST_ARGS)
+	.venv-compat/bin/python -m pytest tests/test_ops.py tests/test_models.py tests/test_activation.py \
+		tests/test_config_validation.py tests/test_planner.py $(PYTEST_ARGS)
 
 test-fast:
 	$(PYTHON) -m pytest tests -m "not slow" $(PYTEST_ARGS)

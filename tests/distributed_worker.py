@@ -11,8 +11,8 @@ Scenarios:
     ddp       DistributedDataParallel; counts every parameter's gradient hooks per backward.
     fsdp2     `fully_shard` on each decoder layer and the root; counts each FSDP group's unshards per step, minis
               on and off.
-    uneven    ranks with different sequence lengths and an explicit `mini_sequence_chunk_size`; a forward pre-hook
-              on each MLP projection makes a collective per chunk call (as ZeRO-3's parameter gathering does).
+    uneven    ranks with different sequence lengths and an explicit `mini_sequence_chunk_size`: plain parameters keep
+              local chunk counts; ZeRO-3-marked ones with a collective per call (as ZeRO-3's gathering) agree.
     zero3     DeepSpeed ZeRO-3 (CPU accelerator), different sequence lengths, tied or untied LM head. No C++ op is
               built: see `skip_deepspeed_shm_comm_op`.
 """
@@ -165,16 +165,25 @@ def run_fsdp2(rank: int, world_size: int, family: str) -> dict:
 
 
 def run_uneven(rank: int, world_size: int, family: str) -> dict:
+    """Three runs on ranks with different lengths and an explicit chunk size.
+
+    "local": plain parameters. Nothing inside a chunk communicates, so each rank keeps its own chunk count and minis
+    runs no collective of its own. "on" / "off": the MLP projections' parameters carry DeepSpeed's `ds_id` mark (as
+    ZeRO-3 partitions them) and a forward pre-hook makes an all-reduce on every call (as ZeRO-3's gathering does):
+    minis must make the ranks agree on the chunk count, or the per-call collectives would not pair up.
+    """
     import torch.distributed as dist
 
+    from minis import config as minis_config
     from minis.ops import mlp
 
     calls = [0]
+    agreements = [0]
     seen_bounds: list[int] = []
     original_chunk_bounds = mlp.chunk_bounds
+    original_agree = minis_config._agree_on_chunk_count
 
     def collective_per_call(module, args):
-        # Stands in for ZeRO-3 gathering the projection's weight: a collective every time a chunk calls it.
         dist.all_reduce(torch.ones(1))
         calls[0] += 1
 
@@ -183,14 +192,22 @@ def run_uneven(rank: int, world_size: int, family: str) -> dict:
         seen_bounds.append(len(bounds))
         return bounds
 
+    def counting_agree(local_count, device):
+        agreements[0] += 1
+        return original_agree(local_count, device)
+
     result = {}
-    for label, use_mini_sequence in (("on", True), ("off", False)):
+    for label, use_mini_sequence, zero3_like in (("local", True, False), ("on", True, True), ("off", False, True)):
         model = make_model(family, use_mini_sequence=use_mini_sequence, mini_sequence_chunk_size=UNEVEN_CHUNK_SIZE)
-        for layer in model.model.layers:
-            layer.mlp.gate_proj.register_forward_pre_hook(collective_per_call)
-        calls[0] = 0
+        if zero3_like:
+            for index, layer in enumerate(model.model.layers):
+                layer.mlp.gate_proj.register_forward_pre_hook(collective_per_call)
+                for number, param in enumerate(layer.mlp.parameters()):
+                    param.ds_id = 1000 * index + number  # DeepSpeed's mark of a ZeRO-3 parameter (no ds_status)
+        calls[0] = agreements[0] = 0
         seen_bounds.clear()
         mlp.chunk_bounds = recording_chunk_bounds
+        minis_config._agree_on_chunk_count = counting_agree
         try:
             ids = rank_batch(global_batch(model.config.vocab_size), rank, world_size, UNEVEN_LENGTHS)
             model.train()
@@ -198,9 +215,14 @@ def run_uneven(rank: int, world_size: int, family: str) -> dict:
             loss.backward()
         finally:
             mlp.chunk_bounds = original_chunk_bounds
+            minis_config._agree_on_chunk_count = original_agree
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         result[label] = {
-            "loss": loss.item(), "chunk_counts": list(seen_bounds), "collectives": calls[0], "grads": grads
+            "loss": loss.item(),
+            "chunk_counts": list(seen_bounds),
+            "collectives": calls[0],
+            "agreements": agreements[0],
+            "grads": grads,
         }
     return result
 

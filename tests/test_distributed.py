@@ -9,9 +9,10 @@ prove:
   hook firing per chunk would also make DDP's reducer fail ("marked ready twice").
 - FSDP2 unshards (all-gathers) each group as often per step with minis as without: the chunks run inside a
   decoder layer's forward and backward, where FSDP keeps the layer unsharded, and never reshard it in between.
-- Ranks whose sequence lengths differ, with an explicit `mini_sequence_chunk_size`, run the same number of chunks
-  (minis all-reduces the count), so a collective per chunk (what ZeRO-3's parameter gathering is) cannot
-  deadlock. The process group has a 60 s timeout and each rank a bounded wait, so a deadlock fails the test.
+- Ranks whose sequence lengths differ, with an explicit `mini_sequence_chunk_size`, keep their local chunk counts
+  with plain parameters (minis runs no collective), and run the same number of chunks when the parameters are
+  ZeRO-3's (minis all-reduces the count), so a collective per chunk (ZeRO-3's gathering) cannot deadlock. The
+  process group has a 60 s timeout and each rank a bounded wait, so a deadlock fails the test.
 - ZeRO-3 (every parameter partitioned, the LM head and tied embedding included) reaches the reference's weights.
 """
 
@@ -157,16 +158,23 @@ def test_fsdp2_matches_one_process_without_extra_unshards(tmp_path, worker_modul
         assert all(count > 0 for count in groups.values()), groups
 
 
-def test_uneven_lengths_run_the_same_chunk_count(tmp_path, worker_module):
+def test_uneven_lengths_agree_on_chunk_counts_only_under_zero3(tmp_path, worker_module):
     rank0, rank1 = launch("uneven", tmp_path)
     lengths, size = worker_module.UNEVEN_LENGTHS, worker_module.UNEVEN_CHUNK_SIZE
     local_counts = [-(-length // size) for length in lengths]
     assert local_counts[0] != local_counts[1], "the scenario must give the ranks different local chunk counts"
+    # Plain parameters: local counts, no collective of minis' own.
+    for rank, result in enumerate((rank0, rank1)):
+        assert result["local"]["chunk_counts"] == [local_counts[rank]] * 2
+        assert result["local"]["agreements"] == 0
+    # ZeRO-3-marked parameters with a collective per call: every rank runs the largest count, so they pair up.
     assert rank0["on"]["chunk_counts"] == rank1["on"]["chunk_counts"] == [max(local_counts)] * 2
+    assert rank0["on"]["agreements"] == rank1["on"]["agreements"] > 0
     assert rank0["on"]["collectives"] == rank1["on"]["collectives"] > rank0["off"]["collectives"]
     for result in (rank0, rank1):
-        assert max_relative_difference(result["on"]["grads"], result["off"]["grads"]) < WEIGHT_RTOL
-        assert result["on"]["loss"] == pytest.approx(result["off"]["loss"], rel=1e-6)
+        for label in ("local", "on"):
+            assert max_relative_difference(result[label]["grads"], result["off"]["grads"]) < WEIGHT_RTOL
+            assert result[label]["loss"] == pytest.approx(result["off"]["loss"], rel=1e-6)
 
 
 @pytest.mark.slow

@@ -77,3 +77,26 @@ def test_setup_py_newer_than_the_install_is_redone(tmp_path):
 def test_bad_extra_name_is_refused():
     with pytest.raises(SystemExit):
         ensure_installed.main(["--extras", "test,pl ot"])
+
+
+def test_missing_torch_is_installed_as_the_cpu_build(monkeypatch):
+    """PyPI's default torch wheel on Linux is the multi-GB CUDA build; a missing torch gets the CPU index."""
+    import ensure_torch
+
+    monkeypatch.delenv("MINIS_TORCH_INDEX_URL", raising=False)
+    calls = []
+    monkeypatch.setattr(ensure_torch.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(ensure_torch.subprocess, "call", lambda command: calls.append(command) or 0)
+    assert ensure_torch.main() == 0
+    (command,) = calls
+    assert command[-5:] == ["torch==2.13.0", "--index-url", "https://download.pytorch.org/whl/cpu", "--retries", "1"]
+    monkeypatch.setenv("MINIS_TORCH_INDEX_URL", "")
+    ensure_torch.main()
+    assert calls[1][-1] == "torch==2.13.0", "an empty MINIS_TORCH_INDEX_URL uses pip's configured index"
+
+
+def test_an_installed_torch_is_never_touched(monkeypatch):
+    import ensure_torch
+
+    monkeypatch.setattr(ensure_torch.subprocess, "call", lambda command: pytest.fail(f"pip was called: {command}"))
+    assert ensure_torch.main() == 0

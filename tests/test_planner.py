@@ -35,6 +35,15 @@ from minis.testing import tiny_config
 GiB = 1 << 30
 
 
+
+def skip_without_every_n_layers(every_n_layers: int) -> None:
+    """`every_n_layers` is transformers' own argument (`activation_checkpointing_enable`, 5.23 and later)."""
+    from transformers import PreTrainedModel
+
+    if every_n_layers > 1 and not hasattr(PreTrainedModel, "activation_checkpointing_enable"):
+        pytest.skip("--every-n-layers needs transformers >= 5.23 (activation_checkpointing_enable); this one lacks it")
+
+
 def small_config(model_type="llama", layers=5, **overrides):
     sizes = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": layers, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 1000}
@@ -134,6 +143,7 @@ def test_prediction_within_5_percent_of_the_cpu_allocator_more_setups(model_type
     ids=["full", "lora-every-2nd"],
 )
 def test_offload_prediction_within_5_percent_of_the_cpu_allocator(setup, mini_sequence):
+    skip_without_every_n_layers(setup.every_n_layers)
     config = small_config(layers=10 if setup.every_n_layers > 1 else 6)
     predicted = predict_peak(config, 512, setup, mini_sequence=mini_sequence, attention_memory="native")
     assert predicted.extrapolated
@@ -172,6 +182,7 @@ def test_offload_moves_the_checkpoints_from_the_gpu_peak_to_host_ram():
     ],
 )
 def test_extrapolated_peak_equals_the_full_simulation(model_type, setup):
+    skip_without_every_n_layers(setup.every_n_layers)
     config = small_config(model_type, layers=12 if model_type == "gemma2" or setup.every_n_layers > 1 else 6)
     for mini_sequence in (False, True):
         extrapolated = predict_peak(config, 256, setup, mini_sequence=mini_sequence)
@@ -322,6 +333,7 @@ def test_cli_table(tmp_path, capsys):
 
 
 def test_cli_offload_options(tmp_path, capsys):
+    skip_without_every_n_layers(2)
     path = write_config(tmp_path, small_config(layers=6))
     assert main(["--model", path, "--seq", "512", "--grad-ckpt", "--offload-activations", "--every-n-layers", "2",
                  "--max-seq", "--gpu-mem", "64MiB", "--granularity", "128"]) == 0

@@ -487,8 +487,16 @@ def _enable_checkpointing(model: nn.Module, setup: TrainingSetup) -> None:
     from .ops.offload import CheckpointOffloader
 
     minis_on = bool(getattr(model.config, "use_mini_sequence", False))
-    model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=setup.every_n_layers,
-                                          offload=setup.offload_activations and minis_on)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=setup.every_n_layers,
+                                              offload=setup.offload_activations and minis_on)
+    else:  # transformers before 5.23: no offload or every_n_layers arguments upstream
+        if setup.every_n_layers != 1:
+            raise PlanError(f"--every-n-layers {setup.every_n_layers} needs transformers >= 5.23 (its "
+                            "activation_checkpointing_enable(every_n_layers=...)); this one lacks it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if setup.offload_activations and minis_on:
+            install(model, requested=True)
     if setup.offload_activations and not minis_on:
         save_on_cpu_like = CheckpointOffloader(keep_last=False, prefetch=False, offload_leaves=True)
         install(model, requested=True, offloader=save_on_cpu_like)

@@ -32,11 +32,12 @@ def gathered_while_applied(params: Sequence[torch.Tensor], zero3: bool):
     Autograd records each input's shape when the function is applied and checks the returned gradients against
     it, so the parameters must have their full shape then, not ZeRO-3's empty partitioned one.
     """
-    if not zero3:
+    partitioned = _partitioned(params) if zero3 else []
+    if not partitioned:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(_partitioned(params), modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 def gather_until_accumulated(params: Sequence[torch.Tensor]) -> None:
