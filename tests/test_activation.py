@@ -1,6 +1,7 @@
 """Zero-edit activation, the MINIS switch, start-up safety, checkpoints shared with plain transformers, bad input."""
 
 import json
+import os
 import textwrap
 
 import pytest
@@ -249,6 +250,8 @@ def test_a_regular_wheel_install_activates_minis_through_its_pth(tmp_path):
         + TINY_LLAMA
         + "import minis\nprint(patched, out.logits is None, minis.__file__.startswith({!r}))".format(str(target))
     )
-    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=300)
+    # Without PYTHONPATH: a source tree on it (a developer's worktree) would stand in for the wheel under test.
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True", "True"]
