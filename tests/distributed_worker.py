@@ -257,25 +257,6 @@ def run_zero3(rank: int, world_size: int, family: str) -> dict:
     return {"losses": losses, "state": state}
 
 
-def skip_deepspeed_shm_comm_op() -> None:
-    """Makes DeepSpeed's CPU backend skip its shared-memory communication op, so a test run compiles nothing.
-
-    On the CPU accelerator, DeepSpeed's `TorchBackend` JIT-compiles the C++ op `deepspeed_shm_comm` (about 4
-    minutes on 2 cores, under a lock in the torch extensions cache) whenever `deepspeed.ops.__compatible_ops__`
-    marks it compatible. The op serves only `inference_all_reduce` (tensor-parallel inference; checked in
-    DeepSpeed 0.19's deepspeed/comm/torch.py); ZeRO-3's all-gathers, reduce-scatters and all-reduces go through
-    torch.distributed (gloo here) with or without it, so what the zero3 scenario computes and saves is the same
-    (bit for bit: checked by running it with MINIS_TEST_DEEPSPEED_SHM=1, which keeps the op). Marking the op incompatible takes the fallback
-    DeepSpeed itself takes off Linux: the backend keeps no shm op, and nothing is built or loaded.
-    """
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().get_op_builder("ShareMemCommBuilder")
-    if builder is not None:
-        deepspeed.ops.__compatible_ops__[builder.NAME] = False
-
-
 SCENARIOS = {"ddp": run_ddp, "fsdp2": run_fsdp2, "uneven": run_uneven, "zero3": run_zero3}
 
 
@@ -291,6 +272,8 @@ def main() -> None:
         import deepspeed
 
         if os.environ.get("MINIS_TEST_DEEPSPEED_SHM", "0") != "1":  # "1": build and use the op, to compare
+            from framework_helpers import skip_deepspeed_shm_comm_op
+
             skip_deepspeed_shm_comm_op()
         deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
     else:

@@ -180,3 +180,22 @@ def launch_ranks(worker: str, args: list[str], out_dir, world_size: int = 2, tim
     for rank, (process, output) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0, f"{args} rank {rank} failed:\n{output[-4000:]}"
     return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world_size)]
+
+
+def skip_deepspeed_shm_comm_op() -> None:
+    """Makes DeepSpeed's CPU backend skip its shared-memory communication op, so a test run compiles nothing.
+
+    On the CPU accelerator, DeepSpeed's `TorchBackend` JIT-compiles the C++ op `deepspeed_shm_comm` (about 4
+    minutes on 2 cores, under a lock in the torch extensions cache) whenever `deepspeed.ops.__compatible_ops__`
+    marks it compatible. The op serves only `inference_all_reduce` (tensor-parallel inference; checked in
+    DeepSpeed 0.19's deepspeed/comm/torch.py); ZeRO-3's all-gathers, reduce-scatters and all-reduces go through
+    torch.distributed (gloo here) with or without it, so what the zero3 scenario computes and saves is the same
+    (bit for bit: checked by running it with MINIS_TEST_DEEPSPEED_SHM=1, which keeps the op). Marking the op incompatible takes the fallback
+    DeepSpeed itself takes off Linux: the backend keeps no shm op, and nothing is built or loaded.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().get_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
