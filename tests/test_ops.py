@@ -340,3 +340,33 @@ def test_torch_func_grad_through_the_chunked_function():
     got = grad(lambda p: functional_call(chunked, {f"inner.{k}": v for k, v in p.items()}, (x,)).pow(2).sum())(params)
     for name in expected:
         assert relative_error(got[name], expected[name]) < 1e-5, name
+
+
+def test_the_loss_runs_the_lm_head_once_per_chunk_and_scales_in_the_backward():
+    """Gradients are taken in the forward: the head runs once per chunk, and `grad_output` (here a scale and a
+    second, retained backward) still reaches every gradient exactly."""
+    torch.manual_seed(0)
+    vocab, hidden = 61, 16
+    head = nn.Linear(hidden, vocab)
+    states = torch.randn(2, 19, hidden)
+    labels = torch.randint(0, vocab, (2, 19))
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+
+    def grads_of(loss_fn, backward_passes):
+        head.zero_grad(set_to_none=True)
+        x = states.clone().requires_grad_(True)
+        loss = loss_fn(x) * 3.5
+        for _ in range(backward_passes):
+            loss.backward(retain_graph=True)
+        return x.grad, {name: p.grad.clone() for name, p in head.named_parameters()}
+
+    expected = grads_of(lambda h: ForCausalLMLoss(head(h), labels, vocab), 2)
+    calls.clear()
+    got = grads_of(lambda h: chunked_causal_lm_loss(h, head, labels, num_chunks=4), 1)
+    assert len(calls) == 4, f"one head call per chunk in forward and backward together, got {calls}"
+    # A second backward through the retained graph recomputes (the forward's gradients were used up).
+    got = grads_of(lambda h: chunked_causal_lm_loss(h, head, labels, num_chunks=4), 2)
+    assert relative_error(got[0], expected[0]) < 1e-5
+    for name in expected[1]:
+        assert relative_error(got[1][name], expected[1][name]) < 1e-5, name

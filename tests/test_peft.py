@@ -263,8 +263,10 @@ def assert_same_step_as_upstream(make, warning_match: str | None):
         assert (grads_on[name] is None) == (grad is None), name
         if grad is None:
             continue
-        scale = grad.abs().max().clamp_min(1e-12)
-        assert ((grads_on[name] - grad).abs().max() / scale).item() < GRAD_RTOL, name
+        # Relative to the gradient's largest entry, plus an absolute 1e-9 for gradients that are zero in exact
+        # arithmetic (X-LoRA's classifier gets ~1e-11 of rounding noise; lora_dropout=1 zeroes every adapter's).
+        difference = (grads_on[name] - grad).abs().max().item()
+        assert difference <= GRAD_RTOL * grad.abs().max().item() + 1e-9, name
     if warning_match is None:
         assert not minis_warnings, minis_warnings
     else:

@@ -71,8 +71,16 @@ def chunked_causal_lm_loss(
         return F.cross_entropy(logits.float(), target_chunk, ignore_index=ignore_index, reduction="sum")
 
     bounds = chunk_bounds(tokens.shape[0], num_chunks=num_chunks, chunk_size=chunk_size)
+    # The chunks' gradients are taken in the forward: the LM head's matmul runs once per chunk, not twice.
     loss_sum = mini_sequence_apply(
-        chunk_loss_sum, tokens, module=lm_head, bounds=bounds, seq_dim=0, reduce="sum", extras=(targets,)
+        chunk_loss_sum,
+        tokens,
+        module=lm_head,
+        bounds=bounds,
+        seq_dim=0,
+        reduce="sum",
+        extras=(targets,),
+        gradients_in_forward=True,
     )
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):

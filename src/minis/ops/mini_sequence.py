@@ -103,6 +103,9 @@ class _ChunkedRun:
         self.zero3 = any(is_zero3_parameter(param) for _, _, param in self.slots)
         self.dropout_masks: list[DropoutMask] = []
         self.rng_snapshot: RngSnapshot | None = None
+        # The loss's forward may take the chunks' gradients right away (one pass over the LM head, not two).
+        self.gradients_in_forward = False
+        self.precomputed: tuple[torch.Tensor | None, list[torch.Tensor | None]] | None = None
         self.input_node = None  # the `_SaveInput` node holding the input, when the input needs a gradient
         self.seq_len = bounds[-1][1] if bounds else 0
 
@@ -120,10 +123,20 @@ class _ChunkedRun:
         """Runs every chunk; `params`, when given, stand in for the module's parameters (functorch passes
         unwrapped ones). An unreplayable random op puts the generators back as they were before it raises."""
         swapped = contextlib.nullcontext() if params is None or self.zero3 else _parameters_swapped(self.slots, params)
-        # No graph is built here; a detached input keeps hooks that inspect autograd state (FlopCounterMode's module
-        # tracker) from meeting views that require grad but have no grad_fn.
+        if params is not None and self.gradients_in_forward:
+            needs_x = x.requires_grad
+            param_needs = [param.requires_grad for param in params]
+        # No graph is built over the whole input; a detached input keeps hooks that inspect autograd state
+        # (FlopCounterMode's module tracker) from meeting views that require grad but have no grad_fn.
         x = x.detach()
         try:
+            if params is not None and self.gradients_in_forward:
+                with torch.enable_grad():
+                    total, grad_x, accumulators = _gradients_over_chunks(
+                        self, x, needs_x, param_needs, None, drawing=True
+                    )
+                self.precomputed = (grad_x, accumulators)
+                return total
             with swapped:
                 outputs = [
                     self.run_chunk(self.chunk_inputs(x, start, stop), start, stop, draw=(index == 0))
@@ -195,6 +208,8 @@ class _MiniSequenceFunction(torch.autograd.Function):
         # `backward(create_graph=True)` and `autograd.grad(..., create_graph=True)` run this with grad mode on.
         if torch.is_grad_enabled():
             grads = _differentiable_backward(ctx, run, x, grad_output)
+        elif run.precomputed is not None:
+            grads = _precomputed_backward(ctx, run, grad_output)
         else:
             grads = _chunkwise_backward(ctx, run, x, grad_output)
         return (None, None, *grads)
@@ -211,57 +226,99 @@ def _recompute_context(ctx, device_type: str):
     return torch.enable_grad(), torch.autocast(device_type=device_type, **ctx.autocast_state)
 
 
+def _gradients_over_chunks(
+    run: _ChunkedRun,
+    x: torch.Tensor,
+    needs_x: bool,
+    param_needs: Sequence[bool],
+    grad_output: torch.Tensor | None,
+    drawing: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None]]:
+    """Runs each chunk with autograd, takes its input and parameter gradients, and frees its graph before the next.
+
+    Args:
+        grad_output: the gradient of the whole output (the backward), or None for scalar chunk outputs whose
+            gradients are taken with seed 1 (the loss's forward, which scales them by `grad_output` later).
+        drawing: the chunks are the forward's (the first one draws the dropout masks), not a recompute.
+
+    Returns:
+        The sum of the chunk outputs (only when `grad_output` is None), the input's gradient, and each parameter's
+        gradient summed over chunks (fp32 for narrower dtypes).
+    """
+    grad_x = torch.zeros_like(x) if needs_x else None
+    accumulators: list[torch.Tensor | None] = [None] * len(run.slots)
+    total = None
+    for index, (start, stop) in enumerate(run.bounds):
+        inputs = run.chunk_inputs(x, start, stop)
+        x_leaf = inputs[0].detach().requires_grad_(needs_x)
+        # The chunk sees a view of the leaf, not the leaf: hooks that watch a module's inputs in the backward
+        # (FlopCounterMode's module tracker) cannot be registered on a leaf inside `autograd.grad`.
+        x_chunk = x_leaf.view_as(x_leaf) if needs_x else x_leaf
+        if run.zero3:
+            # ZeRO-3's module hooks gather a submodule's partitioned parameters when a chunk calls it, and
+            # they only know the real parameters, so no aliases here. `torch.autograd.grad` captures the
+            # chunk's parameter gradients without accumulating them: ZeRO's post-accumulate hooks still fire
+            # once, on the summed gradient this backward returns.
+            aliases = [param for _, _, param in run.slots]
+            swapped = contextlib.nullcontext()
+        else:
+            aliases = [param.detach().requires_grad_(needed) for (_, _, param), needed in zip(run.slots, param_needs)]
+            swapped = _parameters_swapped(run.slots, aliases)
+        with swapped:
+            output = run.run_chunk([x_chunk, *inputs[1:]], start, stop, draw=drawing and index == 0)
+        if grad_output is None:
+            total = output.detach() if total is None else total + output.detach()
+        wanted = ([x_leaf] if needs_x else []) + [a for a, needed in zip(aliases, param_needs) if needed]
+        if not wanted or not output.requires_grad:
+            continue
+        if grad_output is None:
+            chunk_grad = None
+        else:
+            chunk_grad = grad_output if run.reduce == "sum" else grad_output.narrow(run.seq_dim, start, stop - start)
+        grads = list(torch.autograd.grad(output, wanted, chunk_grad, allow_unused=True))
+        if needs_x:
+            grad = grads.pop(0)
+            if grad is not None:
+                grad_x.narrow(run.seq_dim, start, stop - start).copy_(grad)
+        for slot, needed in enumerate(param_needs):
+            if not needed:
+                continue
+            grad = grads.pop(0)
+            if grad is None:
+                continue
+            if accumulators[slot] is None:
+                accumulators[slot] = grad.to(_accumulation_dtype(grad.dtype))
+            else:
+                accumulators[slot].add_(grad)
+        del output, grads
+    return total, grad_x, accumulators
+
+
 def _chunkwise_backward(ctx, run: _ChunkedRun, x: torch.Tensor, grad_output: torch.Tensor) -> list:
     """The memory-saving backward: one chunk's graph at a time, its gradients taken and the graph freed."""
     needs_x = ctx.needs_input_grad[2]
     param_needs = ctx.needs_input_grad[3:]
-    grad_x = torch.zeros_like(x) if needs_x else None
-    accumulators: list[torch.Tensor | None] = [None] * len(run.slots)
     grad_mode, autocast = _recompute_context(ctx, x.device.type)
     with grad_mode, autocast:
-        for start, stop in run.bounds:
-            inputs = run.chunk_inputs(x, start, stop)
-            x_leaf = inputs[0].detach().requires_grad_(needs_x)
-            # The chunk sees a view of the leaf, not the leaf: hooks that watch a module's inputs in the backward
-            # (FlopCounterMode's module tracker) cannot be registered on a leaf inside `autograd.grad`.
-            x_chunk = x_leaf.view_as(x_leaf) if needs_x else x_leaf
-            if run.zero3:
-                # ZeRO-3's module hooks gather a submodule's partitioned parameters when a chunk calls it, and
-                # they only know the real parameters, so no aliases here. `torch.autograd.grad` captures the
-                # chunk's parameter gradients without accumulating them: ZeRO's post-accumulate hooks still fire
-                # once, on the summed gradient this backward returns.
-                aliases = [param for _, _, param in run.slots]
-                swapped = contextlib.nullcontext()
-            else:
-                aliases = [
-                    param.detach().requires_grad_(needed) for (_, _, param), needed in zip(run.slots, param_needs)
-                ]
-                swapped = _parameters_swapped(run.slots, aliases)
-            with swapped:
-                output = run.run_chunk([x_chunk, *inputs[1:]], start, stop, draw=False)
-            wanted = ([x_leaf] if needs_x else []) + [a for a, needed in zip(aliases, param_needs) if needed]
-            if not wanted or not output.requires_grad:
-                continue
-            chunk_grad = grad_output if run.reduce == "sum" else grad_output.narrow(run.seq_dim, start, stop - start)
-            grads = list(torch.autograd.grad(output, wanted, chunk_grad, allow_unused=True))
-            if needs_x:
-                grad = grads.pop(0)
-                if grad is not None:
-                    grad_x.narrow(run.seq_dim, start, stop - start).copy_(grad)
-            for index, needed in enumerate(param_needs):
-                if not needed:
-                    continue
-                grad = grads.pop(0)
-                if grad is None:
-                    continue
-                if accumulators[index] is None:
-                    accumulators[index] = grad.to(_accumulation_dtype(grad.dtype))
-                else:
-                    accumulators[index].add_(grad)
-            del output, grads
+        _, grad_x, accumulators = _gradients_over_chunks(run, x, needs_x, param_needs, grad_output, drawing=False)
     param_grads = [None if acc is None else acc.to(param.dtype) for acc, (_, _, param) in zip(accumulators, run.slots)]
     if run.zero3:
         gather_until_accumulated([p for grad, (_, _, p) in zip(param_grads, run.slots) if grad is not None])
+    return [grad_x, *param_grads]
+
+
+def _precomputed_backward(ctx, run: _ChunkedRun, grad_output: torch.Tensor) -> list:
+    """The backward of a call whose gradients the forward took (`gradients_in_forward`): they are scaled by the
+    scalar `grad_output`, in place (they are this call's own), and handed on; a second backward recomputes."""
+    grad_x, accumulators = run.precomputed
+    run.precomputed = None
+    needs_x = ctx.needs_input_grad[2]
+    param_needs = ctx.needs_input_grad[3:]
+    grad_x = grad_x.mul_(grad_output) if needs_x and grad_x is not None else None
+    param_grads = [
+        acc.mul_(grad_output).to(param.dtype) if needed and acc is not None else None
+        for acc, needed, (_, _, param) in zip(accumulators, param_needs, run.slots)
+    ]
     return [grad_x, *param_grads]
 
 
@@ -332,6 +389,7 @@ def mini_sequence_apply(
     seq_dim: int,
     reduce: str = "cat",
     extras: Sequence[torch.Tensor] = (),
+    gradients_in_forward: bool = False,
 ) -> torch.Tensor:
     """Applies `fn` to chunks of `x` along `seq_dim`, holding one chunk's intermediates at a time.
 
@@ -344,6 +402,12 @@ def mini_sequence_apply(
         seq_dim: the sequence axis of `x` and of every tensor in `extras`.
         reduce: "cat" concatenates the chunk outputs along `seq_dim` (an MLP); "sum" adds them (a loss).
         extras: tensors chunked alongside `x` and passed to `fn` (e.g. labels); they get no gradient.
+        gradients_in_forward: for scalar chunk outputs with reduce="sum" (a loss): the forward takes each chunk's
+            gradients right after computing it and frees its graph, and the backward only scales them by its
+            `grad_output`: `fn` runs once per chunk instead of twice. It holds the input's gradient (the input's size)
+            and the trainable parameters' summed gradients (fp32 for bf16/fp16) from the forward to the backward,
+            where the two-pass path allocates the same buffers. A `create_graph` or second backward recomputes.
+            Not used under ZeRO-3 (gathering stays with the backward) or functorch transforms.
 
     Returns:
         What `fn(x, *extras)` returns, up to floating-point summation order for "sum". With a single chunk this is
@@ -360,10 +424,15 @@ def mini_sequence_apply(
     if len(bounds) == 1:
         # One chunk is the unchunked call: plain autograd, upstream's memory and random numbers.
         return fn(x, *extras)
+    if gradients_in_forward and reduce != "sum":
+        raise ValueError(f"gradients_in_forward needs reduce='sum' (scalar chunk outputs), got reduce={reduce!r}")
     run = _ChunkedRun(fn, module, bounds, seq_dim, reduce, extras)
     params = [param for _, _, param in run.slots]
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         return run.forward(x)
+    run.gradients_in_forward = (
+        gradients_in_forward and not run.zero3 and torch._C._functorch.peek_interpreter_stack() is None
+    )
     if x.requires_grad:
         x = _SaveInput.apply(run, x)
     with gathered_while_applied(params, run.zero3):
