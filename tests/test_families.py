@@ -77,6 +77,17 @@ def test_a_family_minis_does_not_know_stays_exactly_upstream(model_type):
     assert out.logits is not None and out.logits.shape == (2, 20, 97)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "llama"])
+def test_the_demo_sizes_the_fields_its_family_ties_to_head_dim_and_sequence(family):
+    args = demo.build_parser().parse_args(["--model-type", family, "--seq-len", "256", "--hidden-size", "64",
+                                           "--heads", "4"])
+    overrides = demo._model_config_overrides(args, vocab_size=300)
+    if FAMILIES[family].scaled_fields:
+        assert overrides["query_pre_attn_scalar"] == 16 and overrides["sliding_window"] == 128
+    else:
+        assert "query_pre_attn_scalar" not in overrides and "sliding_window" not in overrides
+
+
 def test_the_planner_accepts_every_family_and_names_them_when_refusing(tmp_path):
     config_file = tmp_path / "gpt2.json"
     config_file.write_text('{"model_type": "gpt2"}')

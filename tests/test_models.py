@@ -339,12 +339,16 @@ def test_disable_restores_upstream_methods():
     assert minis.is_active(tiny_model("llama"))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+NORM_AFTER_MLP = {"gemma2", "gemma3_text", "olmo2"}  # a post-feedforward norm saves the MLP output
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "smollm3", "granite", *sorted(NORM_AFTER_MLP)])
 def test_checkpointed_layers_run_the_mlp_forward_as_often_as_upstream(family):
     """Non-reentrant checkpointing stops the layer's recompute once its saved tensors are back; minis saves the
     MLP input ahead of the chunks, so the recompute skips them and the backward's own per-chunk recompute is the
-    MLP's second forward, as in upstream. Gemma-2 normalizes the MLP output, which saves it, so its recompute
-    must run the chunks: one extra chunked forward, and still the same gradients."""
+    MLP's second forward, as in upstream. Gemma-2/3 and OLMo-2 normalize the MLP output, which saves it, so their
+    recompute must run the chunks: one extra chunked forward, and still the same gradients. (Phi-3 has no
+    `gate_proj` to count: its fused `gate_up_proj` works the same way.)"""
     model = make_model(family, mini_sequence_chunk_size=10)  # 5 chunks of SEQ = 50
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     calls = []
@@ -354,7 +358,7 @@ def test_checkpointed_layers_run_the_mlp_forward_as_often_as_upstream(family):
     calls.clear()
     training_step(model, True, **random_batch())
     assert upstream_calls == [SEQ, SEQ]
-    expected = [10] * (10 if family == "llama" else 15)
+    expected = [10] * (15 if family in NORM_AFTER_MLP else 10)
     assert calls == expected
     assert_same_step(model, **random_batch())
 

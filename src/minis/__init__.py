@@ -1,7 +1,8 @@
 """minis: Mini-Sequence Transformer (MST) for Hugging Face transformers.
 
 Installing the package is enough: an import hook patches the modeling code of the families listed in
-`minis.families` (llama, qwen2/3, mistral, gemma2/3, phi3, olmo2, granite, smollm3) when transformers imports it, and `MINIS=0` in the environment turns that off. The explicit API:
+`minis.families` (llama, qwen2/3, mistral, gemma2/3, phi3, olmo2, granite, smollm3) when transformers imports
+it, and `MINIS=0` in the environment turns that off. The explicit API:
 
     import minis
     minis.enable()          # patch now (and every family imported later)
