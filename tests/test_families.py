@@ -93,3 +93,23 @@ def test_the_planner_accepts_every_family_and_names_them_when_refusing(tmp_path)
     config_file.write_text('{"model_type": "gpt2"}')
     with pytest.raises(planner.PlanError, match="gpt2.*" + ", ".join(FAMILY_NAMES)):
         planner.load_model_config(str(config_file))
+
+
+def test_importing_transformers_alone_activates_a_family_whose_package_differs_from_its_model_type():
+    """`gemma3_text` lives in transformers.models.gemma3: the start-up hook must find it there, unedited script."""
+    from helpers import run_python
+
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, Gemma3TextConfig\n"
+        "config = Gemma3TextConfig(hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,\n"
+        "                          num_key_value_heads=2, head_dim=8, vocab_size=257)\n"
+        "model = AutoModelForCausalLM.from_config(config).train()\n"
+        "ids = torch.randint(0, 257, (1, 40))\n"
+        "out = model(input_ids=ids, labels=ids)\n"
+        "print('minis' in sys.modules, type(model).__name__, hasattr(type(model.model.layers[0].mlp).forward,\n"
+        "      '_minis_upstream'), out.logits is None)\n"
+    )
+    result = run_python(script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "Gemma3ForCausalLM", "True", "True"]
