@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import relative_error, training_step
 
+from minis.families import FAMILIES
 from minis.testing import FAMILY_NAMES, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_bf16_sdpa_step_matches_upstream_on_cuda(family):
-    attn = "eager" if family == "gemma2" else "sdpa"  # transformers has no SDPA path for Gemma-2's softcapping
+    attn = "sdpa" if FAMILIES[family].supports_sdpa else "eager"  # e.g. Gemma-2: no SDPA path for its softcapping
     sizes = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=4096, max_position_embeddings=2048, attn_implementation=attn,
                  mini_sequence_chunk_size=100, mini_sequence_loss_chunk_size=300)

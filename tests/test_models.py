@@ -5,13 +5,14 @@ import torch
 from helpers import relative_error, training_step
 
 import minis
+from minis.families import FAMILIES
 from minis.testing import FAMILY_NAMES, tiny_model
 
 SEQ = 50
 
 
 def make_model(family, dtype=torch.float32, **overrides):
-    overrides.setdefault("attn_implementation", "eager" if family == "gemma2" else "sdpa")  # gemma2 softcaps scores
+    overrides.setdefault("attn_implementation", "sdpa" if FAMILIES[family].supports_sdpa else "eager")
     overrides.setdefault("mini_sequence_chunk_size", 7)  # does not divide SEQ
     overrides.setdefault("mini_sequence_loss_chunk_size", 11)
     return tiny_model(family, dtype=dtype, **overrides).train()
@@ -48,7 +49,7 @@ def test_automatic_chunk_sizes(family):
     assert_same_step(model, **random_batch(batch_size=1))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_padding_with_attention_mask(family, padding_side):
     model = make_model(family)
@@ -61,7 +62,7 @@ def test_padding_with_attention_mask(family, padding_side):
     assert_same_step(model, attention_mask=attention_mask, **batch)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_packed_sequences_through_position_ids(family):
     model = make_model(family)
     batch = random_batch(batch_size=1)
@@ -77,7 +78,7 @@ def test_a_chunk_whose_labels_are_all_ignored():
     assert_same_step(model, **batch)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_num_items_in_batch_and_shift_labels(family):
     model = make_model(family)
     batch = random_batch()
@@ -87,15 +88,26 @@ def test_num_items_in_batch_and_shift_labels(family):
     assert_same_step(model, input_ids=batch["input_ids"], labels=batch["labels"], shift_labels=shifted)
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("tied", [True, False])
-def test_tied_and_untied_embeddings(tied):
-    model = make_model("llama", tie_word_embeddings=tied)
+def test_tied_and_untied_embeddings(family, tied):
+    model = make_model(family, tie_word_embeddings=tied)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     assert_same_step(model, **random_batch())
 
 
-def test_gemma2_softcapping_is_applied():
-    model = make_model("gemma2", final_logit_softcapping=0.5)  # a cap this low changes the loss a lot
+SOFTCAPPED = [name for name, family in FAMILIES.items() if family.softcapping_attribute]
+SCALED = [name for name, family in FAMILIES.items() if family.logits_scaling_attribute]
+
+
+def test_the_logit_transforming_families_are_tested():
+    assert {"gemma2", "gemma3_text"} <= set(SOFTCAPPED)
+    assert "granite" in SCALED
+
+
+@pytest.mark.parametrize("family", SOFTCAPPED)
+def test_final_logit_softcapping_is_applied(family):
+    model = make_model(family, final_logit_softcapping=0.5)  # a cap this low changes the loss a lot
     upstream, chunked = assert_same_step(model, **random_batch())
     assert upstream.logits.abs().max() <= 0.5
     model.config.final_logit_softcapping = None
@@ -103,7 +115,24 @@ def test_gemma2_softcapping_is_applied():
     assert abs(uncapped.loss.item() - chunked.loss.item()) > 1e-3
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", SCALED)
+def test_logits_scaling_is_applied(family):
+    """Granite divides the logits by `logits_scaling` before the loss; the chunked loss must do the same."""
+    model = make_model(family, logits_scaling=8.0)
+    upstream, chunked = assert_same_step(model, **random_batch())
+    model.config.logits_scaling = 1.0
+    unscaled, _ = training_step(model, True, **random_batch())
+    assert abs(unscaled.loss.item() - chunked.loss.item()) > 1e-3
+
+
+def test_gemma3_sliding_window_is_shorter_than_the_test_sequence():
+    """The tiny Gemma-3 has a sliding layer whose window the tests' sequences exceed, so the window is exercised."""
+    config = make_model("gemma3_text").config
+    assert "sliding_attention" in config.layer_types and "full_attention" in config.layer_types
+    assert config.sliding_window < SEQ
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_gradient_checkpointing(family, use_reentrant):
     model = make_model(family)
@@ -310,12 +339,16 @@ def test_disable_restores_upstream_methods():
     assert minis.is_active(tiny_model("llama"))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+NORM_AFTER_MLP = {"gemma2", "gemma3_text", "olmo2"}  # a post-feedforward norm saves the MLP output
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "smollm3", "granite", *sorted(NORM_AFTER_MLP)])
 def test_checkpointed_layers_run_the_mlp_forward_as_often_as_upstream(family):
     """Non-reentrant checkpointing stops the layer's recompute once its saved tensors are back; minis saves the
     MLP input ahead of the chunks, so the recompute skips them and the backward's own per-chunk recompute is the
-    MLP's second forward, as in upstream. Gemma-2 normalizes the MLP output, which saves it, so its recompute
-    must run the chunks: one extra chunked forward, and still the same gradients."""
+    MLP's second forward, as in upstream. Gemma-2/3 and OLMo-2 normalize the MLP output, which saves it, so their
+    recompute must run the chunks: one extra chunked forward, and still the same gradients. (Phi-3 has no
+    `gate_proj` to count: its fused `gate_up_proj` works the same way.)"""
     model = make_model(family, mini_sequence_chunk_size=10)  # 5 chunks of SEQ = 50
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     calls = []
@@ -325,7 +358,7 @@ def test_checkpointed_layers_run_the_mlp_forward_as_often_as_upstream(family):
     calls.clear()
     training_step(model, True, **random_batch())
     assert upstream_calls == [SEQ, SEQ]
-    expected = [10] * (10 if family == "llama" else 15)
+    expected = [10] * (15 if family in NORM_AFTER_MLP else 10)
     assert calls == expected
     assert_same_step(model, **random_batch())
 

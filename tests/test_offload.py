@@ -33,6 +33,7 @@ from minis import _warn
 from minis.checkpoint_offload import offloader_of
 from minis.memory import LiveStorageTracker, measure_training_step_peak
 from minis.ops.offload import CheckpointOffloader, HostBufferPool
+from minis.families import FAMILIES
 from minis.testing import FAMILY_NAMES, tiny_model
 
 TOLERANCE = 1e-5
@@ -49,7 +50,7 @@ def _one_thread():
 
 
 def make_model(family, **overrides):
-    overrides.setdefault("attn_implementation", "eager" if family == "gemma2" else "sdpa")
+    overrides.setdefault("attn_implementation", "sdpa" if FAMILIES[family].supports_sdpa else "eager")
     overrides.setdefault("mini_sequence_chunk_size", 7)
     overrides.setdefault("mini_sequence_loss_chunk_size", 11)
     overrides.setdefault("num_hidden_layers", LAYERS)

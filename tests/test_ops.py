@@ -163,10 +163,10 @@ def test_parameters_are_restored_after_backward():
     assert all(isinstance(param, nn.Parameter) for param in after.values())
 
 
-@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize(("softcap", "scaling"), [(None, None), (5.0, None), (None, 8.0)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunking", [{"num_chunks": 6}, {"chunk_size": 7}])
-def test_loss_matches_for_causal_lm_loss(softcap, bias, chunking):
+def test_loss_matches_for_causal_lm_loss(softcap, scaling, bias, chunking):
     torch.manual_seed(0)
     vocab, hidden = 61, 16
     head = nn.Linear(hidden, vocab, bias=bias)
@@ -177,14 +177,19 @@ def test_loss_matches_for_causal_lm_loss(softcap, bias, chunking):
 
     def upstream(h):
         logits = head(h)
-        if softcap is not None:
+        if scaling is not None:  # Granite
+            logits = logits / scaling
+        if softcap is not None:  # Gemma-2/3
             logits = torch.tanh(logits / softcap) * softcap
         return ForCausalLMLoss(logits, labels, vocab)
 
+    def chunked(h):
+        return chunked_causal_lm_loss(
+            h, head, labels, final_logit_softcapping=softcap, logits_scaling=scaling, **chunking
+        )
+
     ref = run_and_grads(upstream, head, states)
-    got = run_and_grads(
-        lambda h: chunked_causal_lm_loss(h, head, labels, final_logit_softcapping=softcap, **chunking), head, states
-    )
+    got = run_and_grads(chunked, head, states)
     assert relative_error(got[0], ref[0]) < 1e-6
     assert relative_error(got[1], ref[1]) < 1e-5
     for name in ref[2]:

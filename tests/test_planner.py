@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from minis.families import FAMILIES, FAMILY_NAMES
 from minis.memory import LiveStorageTracker, allocator_peak_bytes
 from minis.planner import (
     PlanError,
@@ -47,8 +48,11 @@ def skip_without_every_n_layers(every_n_layers: int) -> None:
 def small_config(model_type="llama", layers=5, **overrides):
     sizes = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": layers, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 1000}
-    if model_type == "gemma2":
-        sizes.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=64)
+    family = FAMILIES[model_type]
+    if "head_dim" in family.tiny_config:  # tiny_config's head_dim fits its hidden size 32, not 64
+        sizes["head_dim"] = 16
+    sized = {"head_dim": sizes.get("head_dim", 16), "half_seq": 64}  # a window shorter than the tests' sequences
+    sizes.update({name: sized[source] for name, source in family.scaled_fields.items()})
     sizes.update(overrides)
     return tiny_config(model_type, **sizes)
 
@@ -101,6 +105,17 @@ def real_offload_peak(config, seq_len, setup, mini_sequence):
 
 
 # --- prediction vs the allocator ------------------------------------------------------------------------------
+@pytest.mark.parametrize("mini_sequence", [False, True])
+@pytest.mark.parametrize("model_type", FAMILY_NAMES)
+def test_prediction_within_5_percent_of_the_cpu_allocator_every_family(model_type, mini_sequence):
+    """Each registry family plans as accurately as llama: the planner knows no family but through the registry."""
+    setup = TrainingSetup(method="lora", grad_ckpt=True, attn="sdpa" if FAMILIES[model_type].supports_sdpa else "eager")
+    config = small_config(model_type, layers=6)
+    predicted = predict_peak(config, 256, setup, mini_sequence=mini_sequence, attention_memory="native")
+    measured = real_peak(config, 256, setup, mini_sequence)
+    assert close(predicted.total, measured, 0.05), (predicted.total, measured)
+
+
 @pytest.mark.parametrize("mini_sequence", [False, True])
 @pytest.mark.parametrize("setup", [TrainingSetup(), TrainingSetup(method="lora", attn="eager")],
                          ids=["full-sdpa", "lora-eager"])

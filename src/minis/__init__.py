@@ -1,7 +1,8 @@
 """minis: Mini-Sequence Transformer (MST) for Hugging Face transformers.
 
-Installing the package is enough: an import hook patches the llama, qwen2, mistral and gemma2 modeling code when
-transformers imports it, and `MINIS=0` in the environment turns that off. The explicit API:
+Installing the package is enough: an import hook patches the modeling code of the families listed in
+`minis.families` (llama, qwen2/3, mistral, gemma2/3, phi3, olmo2, granite, smollm3) when transformers imports
+it, and `MINIS=0` in the environment turns that off. The explicit API:
 
     import minis
     minis.enable()          # patch now (and every family imported later)
@@ -24,7 +25,7 @@ __all__ = ["__version__", "disable", "enable", "is_active", "is_enabled"]
 
 
 def enable() -> bool:
-    """Patches the four families now and installs the hook for later imports.
+    """Patches every family of `minis.families` now and installs the hook for later imports.
 
     Returns False (with a warning) when `MINIS=0` is set, which turns minis off entirely.
 
@@ -37,7 +38,8 @@ def enable() -> bool:
     import transformers  # noqa: F401  (the version check needs it imported)
 
     from ._hook import install, transformers_version_problem
-    from .integration import FAMILIES, patch_modeling_module
+    from .families import FAMILIES
+    from .integration import patch_modeling_module
 
     from ._switch import minis_switched_on
 
@@ -56,7 +58,8 @@ def enable() -> bool:
 def disable() -> None:
     """Removes the hook and restores upstream's methods and configs for every family."""
     from ._hook import uninstall
-    from .integration import FAMILIES, unpatch_family
+    from .families import FAMILIES
+    from .integration import unpatch_family
 
     uninstall()
     for family in FAMILIES.values():

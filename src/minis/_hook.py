@@ -12,6 +12,7 @@ import importlib.abc
 import sys
 
 from ._warn import warn_once
+from .families import FAMILIES, family_of_module
 
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
 
@@ -39,8 +40,7 @@ def transformers_version_problem(version: str | None = None) -> str | None:
 
 
 def _targets() -> dict[str, str]:
-    from .integration import FAMILIES
-
+    """The names of the modules to patch (each family's configuration and modeling module), to their model type."""
     targets = {}
     for family in FAMILIES.values():
         targets[family.configuration_module] = family.model_type
@@ -50,21 +50,25 @@ def _targets() -> dict[str, str]:
 
 def patch_module(module) -> None:
     """Patches one freshly imported family module; on any failure warns once and restores upstream."""
-    from .integration import FAMILIES, patch_configuration_module, patch_modeling_module, unpatch_family
+    from .integration import patch_configuration_module, patch_modeling_module, unpatch_family
 
     problem = transformers_version_problem()
     if problem is not None:
         warn_once("version", problem)
         return
-    model_type = module.__name__.rsplit(".", 2)[-2]
+    found = family_of_module(module.__name__)
+    if found is None:
+        return
+    family, kind = found
+    model_type = family.model_type
     try:
-        if module.__name__.endswith(".modeling_" + model_type):
+        if kind == "modeling":
             patch_modeling_module(module)
         else:
             patch_configuration_module(module)
     except Exception as error:  # never break the user's import of transformers
         try:
-            unpatch_family(FAMILIES[model_type])
+            unpatch_family(family)
         except Exception:
             pass
         warn_once(

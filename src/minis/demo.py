@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .families import FAMILIES, FAMILY_NAMES
+
 __all__ = ["build_parser", "main", "make_blocks", "run_child"]
 
 LOSS_RTOL = 1e-4  # fp32 chunking changes only summation order: a larger difference is a bug
-MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma2")
 MIB = 1 << 20
 
 
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with minis and with MINIS=0, on the same data, and compare per-step losses, peak memory and tokens/s.",
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--model-type", choices=MODEL_TYPES, default="llama", help="model family")
+    parser.add_argument("--model-type", choices=FAMILY_NAMES, default="llama", help="model family")
     parser.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per step")
@@ -117,8 +118,9 @@ def _model_config_overrides(args: argparse.Namespace, vocab_size: int) -> dict[s
         "max_position_embeddings": args.seq_len,
         "use_cache": False,  # training: a KV cache only costs memory
     }
-    if args.model_type == "gemma2":
-        overrides.update(query_pre_attn_scalar=head_dim, sliding_window=max(1, args.seq_len // 2))
+    sized = {"head_dim": head_dim, "half_seq": max(1, args.seq_len // 2)}
+    for name, source in FAMILIES[args.model_type].scaled_fields.items():
+        overrides[name] = sized[source]
     return overrides
 
 

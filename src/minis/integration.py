@@ -1,11 +1,12 @@
-"""Mini-sequence MST inside transformers' llama, qwen2, mistral and gemma2 modeling code.
+"""Mini-sequence MST inside the modeling code of the families in `minis.families`.
 
 Two methods are replaced per family, nothing else: the MLP's `forward` (runs upstream's forward over sequence
 chunks) and the causal LM's `forward` (computes the training loss over token chunks instead of building full
 logits). Classes, module trees, parameter names and `state_dict` stay upstream's. Both replacements keep the
 upstream method and call it whenever minis does not apply, so `use_mini_sequence=False` is upstream exactly.
 
-The one thing the families differ in here is Gemma-2's `final_logit_softcapping`, read from the config.
+What the families differ in here is how their LM head transforms the logits before the loss (Gemma-2/3's final
+logit softcapping, Granite's logits scaling); the family's row names the config attribute of each.
 """
 
 from __future__ import annotations
@@ -14,43 +15,16 @@ import functools
 import importlib
 import inspect
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from . import checkpoint_offload
 from . import config as minis_config
 from ._warn import warn_once
+from .families import FAMILIES, Family, family_of_module
 from .peft_compat import sequence_dependent_adapter
 
 __all__ = ["FAMILIES", "Family", "patch_configuration_module", "patch_modeling_module", "unpatch_family"]
 
-
-@dataclass(frozen=True)
-class Family:
-    model_type: str
-    config_class: str
-    pretrained_class: str
-    mlp_class: str
-    causal_lm_class: str
-
-    @property
-    def configuration_module(self) -> str:
-        return f"transformers.models.{self.model_type}.configuration_{self.model_type}"
-
-    @property
-    def modeling_module(self) -> str:
-        return f"transformers.models.{self.model_type}.modeling_{self.model_type}"
-
-
-FAMILIES: dict[str, Family] = {
-    family.model_type: family
-    for family in (
-        Family("llama", "LlamaConfig", "LlamaPreTrainedModel", "LlamaMLP", "LlamaForCausalLM"),
-        Family("qwen2", "Qwen2Config", "Qwen2PreTrainedModel", "Qwen2MLP", "Qwen2ForCausalLM"),
-        Family("mistral", "MistralConfig", "MistralPreTrainedModel", "MistralMLP", "MistralForCausalLM"),
-        Family("gemma2", "Gemma2Config", "Gemma2PreTrainedModel", "Gemma2MLP", "Gemma2ForCausalLM"),
-    )
-}
 
 _UPSTREAM = "_minis_upstream"  # attribute of a replacement method that holds the upstream one
 
@@ -221,7 +195,7 @@ def _uses_default_causal_lm_loss(model) -> bool:
         return False
 
 
-def _mini_sequence_causal_lm_forward(upstream_forward):
+def _mini_sequence_causal_lm_forward(upstream_forward, family: Family):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from .ops import UnreplayableRandomOpError, chunked_causal_lm_loss
@@ -288,7 +262,7 @@ def _mini_sequence_causal_lm_forward(upstream_forward):
         outputs = self.model(**model_kwargs)
         hidden_states = outputs.last_hidden_state
         loss_kwargs = {name: model_kwargs[name] for name in _LOSS_KWARGS if name in model_kwargs}
-        loss_kwargs.update(labels=labels, final_logit_softcapping=getattr(config, "final_logit_softcapping", None))
+        loss_kwargs.update(labels=labels, **_logit_transform(family, config))
         num_tokens = hidden_states.shape[0] * hidden_states.shape[1]
         chunking = minis_config.loss_chunking(
             config, num_tokens, hidden_states.device, agree_across_ranks=agree_across_ranks
@@ -305,6 +279,16 @@ def _mini_sequence_causal_lm_forward(upstream_forward):
 
     setattr(forward, _UPSTREAM, upstream_forward)
     return forward
+
+
+def _logit_transform(family: Family, config) -> dict[str, Any]:
+    """The `chunked_causal_lm_loss` arguments that reproduce what `family`'s causal LM does to its logits."""
+    transform: dict[str, Any] = {}
+    if family.softcapping_attribute is not None:
+        transform["final_logit_softcapping"] = getattr(config, family.softcapping_attribute, None)
+    if family.logits_scaling_attribute is not None:
+        transform["logits_scaling"] = getattr(config, family.logits_scaling_attribute)
+    return transform
 
 
 def _from_config_with_minis_kwargs():
@@ -357,7 +341,7 @@ def patch_modeling_module(module) -> None:
     if not is_patched_method(mlp_class.forward):
         mlp_class.forward = _mini_sequence_mlp_forward(mlp_class.forward)
     if not is_patched_method(causal_lm_class.forward):
-        causal_lm_class.forward = _mini_sequence_causal_lm_forward(causal_lm_class.forward)
+        causal_lm_class.forward = _mini_sequence_causal_lm_forward(causal_lm_class.forward, family)
     pretrained_class = getattr(module, family.pretrained_class)
     if "_from_config" not in pretrained_class.__dict__:
         from_config = classmethod(_from_config_with_minis_kwargs())
@@ -368,8 +352,6 @@ def patch_modeling_module(module) -> None:
 
 def unpatch_family(family: Family) -> None:
     """Restores upstream's methods and removes the config defaults, for families already imported."""
-    import sys
-
     modeling = sys.modules.get(family.modeling_module)
     if modeling is not None:
         for class_name in (family.mlp_class, family.causal_lm_class):
@@ -389,8 +371,7 @@ def unpatch_family(family: Family) -> None:
 
 
 def _family_of(module_name: str, kind: str) -> Family:
-    model_type = module_name.rsplit(".", 2)[-2]
-    family = FAMILIES.get(model_type)
-    if family is None or not module_name.endswith(f".{kind}_{model_type}"):
+    found = family_of_module(module_name)
+    if found is None or found[1] != kind:
         raise ValueError(f"{module_name} is not a {kind} module of a minis family ({', '.join(FAMILIES)})")
-    return family
+    return found[0]

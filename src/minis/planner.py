@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .families import FAMILIES, FAMILY_NAMES
 from .memory import LiveStorageTracker, StorageRecord, swap_in_fake_tensors
 from .presets import PRESET_NAMES, load_preset
 
@@ -54,7 +55,6 @@ METHODS = ("full", "lora")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 OPTIMIZERS = ("adamw", "adamw-bf16", "none")
 ATTENTIONS = ("sdpa", "eager", "flash")
-FAMILY_TYPES = ("llama", "qwen2", "mistral", "gemma2")
 COMPONENTS = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "sharding_buffers")
 COMPONENT_TITLES = {
     "parameters": "parameters",
@@ -279,9 +279,9 @@ def load_model_config(model: Any):
     if not isinstance(data, dict):
         raise PlanError(f"{source} is malformed: expected a JSON object of config fields, got {type(data).__name__}")
     model_type = data.get("model_type")
-    if model_type not in FAMILY_TYPES:
+    if model_type not in FAMILIES:
         raise PlanError(f"{source}: model_type {model_type!r} is not supported; minis plans for "
-                        f"{', '.join(FAMILY_TYPES)} models")
+                        f"{', '.join(FAMILY_NAMES)} models")
     for name in _REQUIRED_POSITIVE:
         value = data.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -412,7 +412,7 @@ def _minis_patched(model_type: str) -> Iterator[None]:
     """
     import importlib
 
-    from .integration import FAMILIES, is_patched_method, patch_modeling_module, unpatch_family
+    from .integration import is_patched_method, patch_modeling_module, unpatch_family
 
     family = FAMILIES[model_type]
     module = importlib.import_module(family.modeling_module)
@@ -432,9 +432,9 @@ def _minis_patched(model_type: str) -> Iterator[None]:
 def _attn_implementation(config, attn: str) -> str:
     if attn == "flash":
         return _FLASH_NAME
-    if attn == "sdpa" and config.model_type == "gemma2":
-        raise PlanError("--attn sdpa is not supported by gemma2 models (attention logit softcapping; transformers "
-                        "refuses sdpa for them); choose --attn eager or flash")
+    if attn == "sdpa" and not FAMILIES[config.model_type].supports_sdpa:
+        raise PlanError(f"--attn sdpa is not supported by {config.model_type} models (transformers refuses sdpa for "
+                        "them, e.g. for Gemma-2's attention logit softcapping); choose --attn eager or flash")
     return attn
 
 
@@ -891,7 +891,7 @@ def predict_peak(model: Any, seq_len: int, setup: TrainingSetup | None = None, *
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise PlanError(f"--seq {seq_len!r} is not allowed; it must be a positive integer")
     config = load_model_config(model)
-    _attn_implementation(config, setup.attn)  # gemma2 + sdpa is refused before any work
+    _attn_implementation(config, setup.attn)  # sdpa where the family has none is refused before any work
     started = time.perf_counter()
     num_layers = config.num_hidden_layers
     period = math.lcm(_layer_period(config), setup.every_n_layers if setup.grad_ckpt else 1)

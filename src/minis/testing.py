@@ -1,44 +1,23 @@
-"""Tiny configs of the four families, for tests, examples and the demo (no hub access needed)."""
+"""Tiny configs of every minis family, for tests, examples and the demo (no hub access needed).
+
+The sizes and per-family fields live in `minis.families` (`TINY_COMMON` and each row's `tiny_config`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from .families import FAMILY_NAMES, TINY_COMMON, get_family
+
 __all__ = ["FAMILY_NAMES", "tiny_config", "tiny_model"]
-
-FAMILY_NAMES = ("llama", "qwen2", "mistral", "gemma2")
-
-_COMMON = dict(
-    hidden_size=32,
-    intermediate_size=88,  # not a multiple of hidden_size: the automatic chunk count rounds up
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=257,
-    max_position_embeddings=512,
-)
-_PER_FAMILY: dict[str, dict[str, Any]] = {
-    "llama": dict(tie_word_embeddings=False),
-    "qwen2": dict(tie_word_embeddings=True),
-    "mistral": dict(tie_word_embeddings=False, sliding_window=None),
-    "gemma2": dict(
-        head_dim=8,
-        query_pre_attn_scalar=8,
-        final_logit_softcapping=30.0,
-        attn_logit_softcapping=50.0,
-        sliding_window=64,
-        tie_word_embeddings=True,
-    ),
-}
 
 
 def tiny_config(model_type: str, **overrides: Any):
-    """A small config of `model_type` (llama, qwen2, mistral or gemma2); keyword arguments override fields."""
+    """A small config of `model_type` (one of `FAMILY_NAMES`); keyword arguments override fields."""
     from transformers import AutoConfig
 
-    if model_type not in _PER_FAMILY:
-        raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(FAMILY_NAMES)}")
-    values = {**_COMMON, **_PER_FAMILY[model_type], **overrides}
+    family = get_family(model_type)
+    values = {**TINY_COMMON, **family.tiny_config, **overrides}
     return AutoConfig.for_model(model_type, **values)
 
 
@@ -52,3 +31,4 @@ def tiny_model(model_type: str, seed: int = 0, dtype=None, **overrides: Any):
     if dtype is not None:
         model = model.to(dtype)
     return model
+

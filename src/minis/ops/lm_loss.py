@@ -3,7 +3,8 @@
 The numbers follow transformers' `ForCausalLMLoss`: labels shifted left with `ignore_index` padding (or
 `shift_labels` used as given), logits upcast to fp32, cross-entropy summed and divided by `num_items_in_batch` when
 given, else averaged over the counted tokens. Each chunk computes its logits with the LM head *module* (so PEFT
-adapters on it and its hooks apply), softcaps them in the model's dtype as Gemma-2 does, upcasts, and returns
+adapters on it and its hooks apply), divides them by Granite's `logits_scaling` and softcaps them as Gemma-2/3 do
+(both in the model's dtype, as upstream), upcasts, and returns
 its cross-entropy *sum*; the chunks' sums are added and divided once, so chunks with different numbers of counted
 tokens are weighted correctly.
 """
@@ -33,6 +34,7 @@ def chunked_causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
     final_logit_softcapping: float | None = None,
+    logits_scaling: float | None = None,
     num_chunks: int | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
@@ -46,7 +48,9 @@ def chunked_causal_lm_loss(
         num_items_in_batch: when given, the summed loss is divided by it (HF Trainer's gradient-accumulation
             normalization); otherwise the loss is the mean over tokens whose label is not `ignore_index`.
         ignore_index: label value that is not scored.
-        final_logit_softcapping: Gemma-2's cap: logits become `cap * tanh(logits / cap)` before the loss.
+        final_logit_softcapping: Gemma-2/3's cap: logits become `cap * tanh(logits / cap)` before the loss.
+        logits_scaling: Granite's divisor: logits become `logits / logits_scaling` before the loss (and before
+            any softcapping; no upstream family has both).
         num_chunks, chunk_size: how the batch * seq tokens are split (exactly one of them).
 
     Returns:
@@ -66,6 +70,8 @@ def chunked_causal_lm_loss(
 
     def chunk_loss_sum(token_chunk: torch.Tensor, target_chunk: torch.Tensor) -> torch.Tensor:
         logits = lm_head(token_chunk)
+        if logits_scaling is not None:
+            logits = logits / logits_scaling
         if final_logit_softcapping is not None:
             logits = torch.tanh(logits / final_logit_softcapping) * final_logit_softcapping
         return F.cross_entropy(logits.float(), target_chunk, ignore_index=ignore_index, reduction="sum")
