@@ -1,7 +1,8 @@
 """minis: Mini-Sequence Transformer for Hugging Face transformers, as an overlay package.
 
 Besides the `minis` package, the wheel carries `minis.pth` at the root of site-packages: Python runs it at
-start-up, and it installs the import hook that patches transformers' llama, qwen2, mistral and gemma2 code.
+start-up, and it installs the import hook that patches transformers' modeling code of the families listed in
+`minis.families`.
 The custom commands below put that file in place for regular (`pip install .`, `pip install git+URL`) and
 editable (`pip install -e .`) installs.
 """

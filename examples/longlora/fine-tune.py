@@ -11,7 +11,7 @@ commands run unchanged, e.g. on 8 GPUs:
         --lr_scheduler_type "constant_with_warmup" --logging_steps 1 --deepspeed ds_configs/stage2.json \
         --tf32 True --max_steps 1000 --data_path corpus.jsonl
 
-minis is not imported here: installed, it makes every llama, qwen2, mistral and gemma2 model mini-sequence at
+minis is not imported here: installed, it makes every model of a minis family (`minis.families`) mini-sequence at
 `import transformers`; `MINIS=0` runs the same command without it. What differs from LongLoRA's script:
 
 - Data comes from `--data_path` (a .txt file, a .jsonl/.json file with a "text" field, or a directory of them),
