@@ -140,45 +140,85 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_ranks(worker: str, args: list[str], out_dir, world_size: int = 2, timeout: int = 120) -> list[dict]:
-    """Runs `python worker *args` as `world_size` local ranks (gloo over loopback, one thread each); returns each
-    rank's saved `out_dir/rank{rank}.pt`, or fails the test with the ranks' output (a hang fails after `timeout`)."""
+# Stands in for the C++ compiler in the ranks: a test that starts a JIT build (of a DeepSpeed op, say) fails at once
+# with this name in its log, instead of compiling for minutes inside a timed test.
+NO_COMPILER = "no-c++-compiler-during-minis-tests"
+
+
+def kill_process_groups(processes) -> None:
+    """Kills each process with everything it started (each was started as the leader of its own session)."""
+    import signal
+
+    for process in processes:
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait()
+
+
+def launch_ranks(command: list[str], out_dir, world_size: int = 2, timeout: int = 120, env=None) -> list[dict]:
+    """Runs `command` (e.g. `[python, worker.py, scenario, out_dir]`) as `world_size` local ranks over loopback,
+    one thread each; returns each rank's saved `out_dir/rank{rank}.pt`, or fails the test with the ranks' output.
+
+    The ranks log to files (a full pipe cannot block them), get an empty torch extensions directory of their own and
+    no C++ compiler, so no stale build lock from an earlier, killed run can make them wait and any JIT build fails
+    fast. On `timeout` every rank and what it started is killed and the test fails with the ranks' output so far.
+    """
     import subprocess
-    import sys
+    import time
 
     port = free_port()
-    processes = []
+    extensions_dir = os.path.join(out_dir, "torch_extensions")
+    processes, logs = [], []
     for rank in range(world_size):
-        env = {
+        rank_env = {
             **os.environ,
+            **(env or {}),
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "WORLD_SIZE": str(world_size),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
+            "TORCH_EXTENSIONS_DIR": extensions_dir,
+            "CXX": NO_COMPILER,
         }
+        logs.append(open(os.path.join(out_dir, f"rank{rank}.log"), "w+"))
         processes.append(
             subprocess.Popen(
-                [sys.executable, worker, *args],
-                env=env,
+                command,
+                env=rank_env,
                 cwd=REPO_ROOT,
-                stdout=subprocess.PIPE,
+                stdout=logs[-1],
                 stderr=subprocess.STDOUT,
                 text=True,
+                start_new_session=True,
             )
         )
-    outputs = []
+    deadline = time.monotonic() + timeout
+    timed_out = False
     try:
         for process in processes:
-            output, _ = process.communicate(timeout=timeout)
-            outputs.append(output)
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
     except subprocess.TimeoutExpired:
-        for process in processes:
-            process.kill()
-        pytest.fail(f"{args}: the ranks did not finish within {timeout} s (deadlock?)")
-    for rank, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"{args} rank {rank} failed:\n{output[-4000:]}"
+        timed_out = True
+        kill_process_groups(processes)
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    name = " ".join(os.path.basename(part) for part in command[1:3])
+    if timed_out:
+        tails = "\n".join(f"--- rank {rank}:\n{output[-2000:]}" for rank, output in enumerate(outputs))
+        pytest.fail(f"{name}: the ranks did not finish within {timeout} s (deadlock?), killed:\n{tails}")
+    failed = [f"--- rank {rank} failed:\n{output[-4000:]}" for rank, (process, output) in
+              enumerate(zip(processes, outputs)) if process.returncode != 0]  # fmt: skip
+    assert not failed, f"{name}:\n" + "\n".join(failed)
+    built = os.listdir(extensions_dir) if os.path.isdir(extensions_dir) else []
+    assert not built, f"{name}: the ranks built C++ extensions {built} during the test"
     return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world_size)]
 
 

@@ -19,14 +19,12 @@ prove:
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from framework_helpers import REPO_ROOT, free_port, max_relative_difference
+from framework_helpers import REPO_ROOT, free_port, kill_process_groups, launch_ranks, max_relative_difference
 
 WORKER = os.path.join(REPO_ROOT, "tests", "distributed_worker.py")
 WEIGHT_RTOL = 1e-5
@@ -40,22 +38,6 @@ def worker_module():
     import distributed_worker
 
     return distributed_worker
-
-
-# Stands in for the C++ compiler in the ranks: a test that starts a JIT build (of a DeepSpeed op, say) fails at once
-# with this name in its log, instead of compiling for minutes inside a timed test.
-NO_COMPILER = "no-c++-compiler-during-minis-tests"
-
-
-def kill_process_groups(processes: list[subprocess.Popen]) -> None:
-    """Kills each process with everything it started (each was started as the leader of its own session)."""
-    for process in processes:
-        if process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        process.wait()
 
 
 def run_or_kill(command: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess:
@@ -74,61 +56,8 @@ def run_or_kill(command: list[str], timeout: int, **kwargs) -> subprocess.Comple
 
 
 def launch(scenario: str, out_dir, family: str = "llama", world_size: int = 2, timeout: int = 120) -> list[dict]:
-    """Runs `scenario` on `world_size` local ranks; returns each rank's saved result, or fails with their output.
-
-    The ranks get an empty torch extensions directory of their own and no C++ compiler, so no stale build lock
-    from an earlier, killed run can make them wait, and any JIT build fails fast. On `timeout` every rank and what
-    it started is killed and the test fails with the ranks' output so far.
-    """
-    port = free_port()
-    extensions_dir = os.path.join(out_dir, "torch_extensions")
-    processes, logs = [], []
-    for rank in range(world_size):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-            "TORCH_EXTENSIONS_DIR": extensions_dir,
-            "CXX": NO_COMPILER,
-        }
-        logs.append(open(os.path.join(out_dir, f"rank{rank}.log"), "w+"))
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, WORKER, scenario, str(out_dir), family],
-                env=env,
-                cwd=REPO_ROOT,
-                stdout=logs[-1],
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
-        )
-    deadline = time.monotonic() + timeout
-    timed_out = False
-    try:
-        for process in processes:
-            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        kill_process_groups(processes)
-    outputs = []
-    for log in logs:
-        log.seek(0)
-        outputs.append(log.read())
-        log.close()
-    if timed_out:
-        tails = "\n".join(f"--- rank {rank}:\n{output[-2000:]}" for rank, output in enumerate(outputs))
-        pytest.fail(f"{scenario}: the ranks did not finish within {timeout} s (deadlock?), killed:\n{tails}")
-    failed = [f"--- rank {rank} failed:\n{output[-4000:]}" for rank, (process, output) in
-              enumerate(zip(processes, outputs)) if process.returncode != 0]  # fmt: skip
-    assert not failed, f"{scenario}:\n" + "\n".join(failed)
-    built = os.listdir(extensions_dir) if os.path.isdir(extensions_dir) else []
-    assert not built, f"{scenario}: the ranks built C++ extensions {built} during the test"
-    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt")) for rank in range(world_size)]
+    """Runs `scenario` of the worker on `world_size` local ranks (see `framework_helpers.launch_ranks`)."""
+    return launch_ranks([sys.executable, WORKER, scenario, str(out_dir), family], out_dir, world_size, timeout)
 
 
 def test_ddp_matches_one_process_and_hooks_fire_once(tmp_path, worker_module):

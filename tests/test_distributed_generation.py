@@ -11,6 +11,8 @@ import os
 
 import pytest
 import torch
+import sys
+
 from framework_helpers import REPO_ROOT, launch_ranks
 
 WORKER = os.path.join(REPO_ROOT, "tests", "generation_worker.py")
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.multiprocess
 
 
 def test_only_rank_zero_generates(tmp_path):
-    ranks = launch_ranks(WORKER, ["rank0_generate", str(tmp_path)], tmp_path, timeout=150)
+    ranks = launch_ranks([sys.executable, WORKER, "rank0_generate", str(tmp_path)], tmp_path, timeout=150)
     assert torch.equal(ranks[0]["tokens"], ranks[0]["upstream_tokens"])
     assert ranks[0]["tokens"].shape[1] == 12 + 9
     for result in ranks:
@@ -27,7 +29,7 @@ def test_only_rank_zero_generates(tmp_path):
 
 
 def test_ranks_generate_different_numbers_of_tokens(tmp_path):
-    ranks = launch_ranks(WORKER, ["uneven_generate", str(tmp_path)], tmp_path, timeout=150)
+    ranks = launch_ranks([sys.executable, WORKER, "uneven_generate", str(tmp_path)], tmp_path, timeout=150)
     for rank, result in enumerate(ranks):
         assert torch.equal(result["tokens"], result["upstream_tokens"])
         assert result["tokens"].shape[1] == 12 + 5 * rank + 6 + 7 * rank
@@ -37,7 +39,7 @@ def test_ranks_generate_different_numbers_of_tokens(tmp_path):
 def test_two_tokens_with_lora_dropout_under_ddp(tmp_path):
     """Automatic chunk counts and a 2-token input: fewer tokens than chunks, LoRA dropout, two ranks."""
     pytest.importorskip("peft")
-    ranks = launch_ranks(WORKER, ["short_dropout", str(tmp_path)], tmp_path, timeout=150)
+    ranks = launch_ranks([sys.executable, WORKER, "short_dropout", str(tmp_path)], tmp_path, timeout=150)
     for result in ranks:
         assert abs(result["on"]["loss"] - result["off"]["loss"]) <= 1e-6 * abs(result["off"]["loss"])
         assert result["on"]["grads"].keys() == result["off"]["grads"].keys()
@@ -50,7 +52,7 @@ def test_two_tokens_with_lora_dropout_under_ddp(tmp_path):
 
 def test_zero3_eval_and_no_grad_forwards_run_no_minis_collective(tmp_path):
     pytest.importorskip("deepspeed")
-    ranks = launch_ranks(WORKER, ["zero3_eval", str(tmp_path)], tmp_path, timeout=240)
+    ranks = launch_ranks([sys.executable, WORKER, "zero3_eval", str(tmp_path)], tmp_path, timeout=240)
     for result in ranks:
         assert result["quiet"] == {"agreements": 0, "chunked_calls": 0}, "eval/no-grad ZeRO-3 runs unchunked"
         assert result["training_agreements"] > 0, "a ZeRO-3 training forward agrees on the chunk count"

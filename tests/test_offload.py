@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import os
-import subprocess
 import sys
 import warnings
 import weakref
@@ -558,7 +557,7 @@ def test_trainer_with_offload_matches_upstream(tmp_path, switch):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2", pytest.param("zero3", marks=pytest.mark.slow)])
 def test_data_parallel_with_offload_matches_one_process(tmp_path, engine):
-    from framework_helpers import REPO_ROOT, free_port, max_relative_difference
+    from framework_helpers import REPO_ROOT, launch_ranks, max_relative_difference
 
     if engine == "zero3":
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed; `DS_BUILD_OPS=0 pip install deepspeed`")
@@ -571,23 +570,10 @@ def test_data_parallel_with_offload_matches_one_process(tmp_path, engine):
     sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
     import distributed_worker
 
-    port, processes = free_port(), []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-        processes.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), engine, str(tmp_path)], env=env,
-                                          cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        outputs = [process.communicate(timeout=300)[0] for process in processes]
-    except subprocess.TimeoutExpired:
-        for process in processes:
-            process.kill()
-        pytest.fail(f"the {engine} ranks did not finish within 300 s")
-    for rank, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
+    command = [sys.executable, os.path.abspath(__file__), engine, str(tmp_path)]
+    results = launch_ranks(command, tmp_path, timeout=300, env={"DS_ACCELERATOR": "cpu"})
     reference = distributed_worker.reference_run("llama", world_size=2, num_hidden_layers=LAYERS)
-    for rank in range(2):
-        result = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
+    for result in results:
         assert result["bytes_offloaded"] > 0 and result["bytes_restored"] == result["bytes_offloaded"]
         assert max_relative_difference(result["state"], reference["state"]) < 1e-5
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5,
