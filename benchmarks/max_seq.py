@@ -1,7 +1,7 @@
 """The longest trainable sequence of each preset on an 80 GB GPU, upstream vs minis, predicted by `minis plan`.
 
 Writes benchmarks/results/max_seq.json, docs/benchmarks.md (tables, plots, method) and docs/images/*.png.
-Runs on a CPU (the planner simulates on fake tensors): about half an hour on 2 cores for the whole grid.
+Runs on a CPU (the planner simulates on fake tensors); the page says how long the last full run took.
 
     python benchmarks/max_seq.py                 # the whole grid, 2 worker processes
     python benchmarks/max_seq.py --quick         # llama-3-8b only, for a smoke test (docs are not rewritten)
@@ -25,7 +25,10 @@ IMAGES = os.path.join(ROOT, "docs", "images")
 
 GPU_MEM_TEXT = "78GiB"  # an 80 GB GPU holds 80 GiB; 2 GiB are left for the CUDA context, workspaces, fragmentation
 GRANULARITY = 256
-CURVE_LENGTHS = (4096, 16384, 32768, 65536, 131072)
+CURVE_LENGTHS = (4096, 16384, 32768, 65536, 131072, 262144)
+# Activation checkpointing of every decoder layer: off, on, and on with the checkpoints offloaded to host memory
+# (minis' offload for minis, `save_on_cpu` for upstream; see docs/offload.md).
+CHECKPOINTING = {"no": (False, False), "yes": (True, False), "yes + offload": (True, True)}
 
 
 def setups():
@@ -42,6 +45,11 @@ def setups():
     }
 
 
+def _checkpointing(setup) -> str:
+    return next(label for label, (ckpt, offload) in CHECKPOINTING.items()
+                if (ckpt, offload) == (setup.grad_ckpt, setup.offload_activations))
+
+
 def _max_seq_task(args):
     preset, setup_name, setup, mini_sequence, gpu_mem = args
     from minis.planner import find_max_seq
@@ -49,8 +57,8 @@ def _max_seq_task(args):
     started = time.perf_counter()
     length, estimate = find_max_seq(preset, gpu_mem, setup, mini_sequence=mini_sequence, granularity=GRANULARITY)
     return {
-        "preset": preset, "setup": setup_name, "grad_ckpt": setup.grad_ckpt, "minis": mini_sequence,
-        "max_seq": length, "peak": None if estimate is None else estimate.total,
+        "preset": preset, "setup": setup_name, "grad_ckpt": setup.grad_ckpt, "checkpointing": _checkpointing(setup),
+        "minis": mini_sequence, "max_seq": length, "peak": None if estimate is None else estimate.total,
         "phase": None if estimate is None else estimate.phase, "seconds": time.perf_counter() - started,
     }
 
@@ -63,8 +71,8 @@ def _curve_task(args):
     for length in CURVE_LENGTHS:
         estimate = predict_peak(preset, length, setup, mini_sequence=mini_sequence)
         points.append({"seq": length, "peak": estimate.total, "components": estimate.components})
-    return {"preset": preset, "setup": setup_name, "grad_ckpt": setup.grad_ckpt, "minis": mini_sequence,
-            "points": points}
+    return {"preset": preset, "setup": setup_name, "grad_ckpt": setup.grad_ckpt,
+            "checkpointing": _checkpointing(setup), "minis": mini_sequence, "points": points}
 
 
 def run(presets, jobs: int):
@@ -75,8 +83,10 @@ def run(presets, jobs: int):
     curves = []
     for preset in presets:
         for name, setup in setups().items():
-            for ckpt in (False, True):
-                configured = replace(setup, grad_ckpt=ckpt)
+            for label, (ckpt, offload) in CHECKPOINTING.items():
+                if offload and name == "full, 1 GPU":
+                    continue  # weights, gradients and optimizer state alone exceed the GPU; offload cannot help
+                configured = replace(setup, grad_ckpt=ckpt, offload_activations=offload)
                 for mini_sequence in (False, True):
                     grid.append((preset, name, configured, mini_sequence, gpu_mem))
                     if name != "full, 1 GPU":
@@ -96,25 +106,32 @@ def run(presets, jobs: int):
     }
 
 
+def _label(result) -> str:
+    """The checkpointing label of a result (results written before offload existed carry only `grad_ckpt`)."""
+    return result.get("checkpointing", "yes" if result["grad_ckpt"] else "no")
+
+
 def _tokens(n):
     return "does not fit" if not n else f"{n:,}"
 
 
 def table(results) -> str:
-    rows = ["| model | setup | grad. ckpt | upstream | minis | minis / upstream |",
-            "|---|---|---|---:|---:|---:|"]
-    index = {(r["preset"], r["setup"], r["grad_ckpt"], r["minis"]): r for r in results["max_seq"]}
+    rows = ["| model | setup | grad. ckpt | upstream | minis | minis / upstream | minis' host RAM |",
+            "|---|---|---|---:|---:|---:|---:|"]
+    index = {(r["preset"], r["setup"], _label(r), r["minis"]): r for r in results["max_seq"]}
     presets = list(dict.fromkeys(r["preset"] for r in results["max_seq"]))
     for preset in presets:
         for name in results["setups"]:
-            for ckpt in (False, True):
-                up = index.get((preset, name, ckpt, False))
-                ms = index.get((preset, name, ckpt, True))
+            for label in CHECKPOINTING:
+                up = index.get((preset, name, label, False))
+                ms = index.get((preset, name, label, True))
                 if up is None or ms is None:
                     continue
                 factor = f"{ms['max_seq'] / up['max_seq']:.2f}x" if up["max_seq"] else "-"
-                rows.append(f"| {preset} | {name} | {'yes' if ckpt else 'no'} | {_tokens(up['max_seq'])} | "
-                            f"{_tokens(ms['max_seq'])} | {factor} |")
+                host = ms.get("host_bytes") if label == "yes + offload" else None
+                host_text = f"{host / (1 << 30):.0f} GiB" if host else "-"
+                rows.append(f"| {preset} | {name} | {label} | {_tokens(up['max_seq'])} | "
+                            f"{_tokens(ms['max_seq'])} | {factor} | {host_text} |")
     return "\n".join(rows)
 
 
@@ -138,9 +155,11 @@ def plots(results) -> list[str]:
                     continue
                 xs = [p["seq"] / 1024 for p in curve["points"]]
                 ys = [p["peak"] / (1 << 30) for p in curve["points"]]
-                label = ("minis" if curve["minis"] else "upstream") + (", grad. ckpt" if curve["grad_ckpt"] else "")
+                checkpointing = _label(curve)
+                label = ("minis" if curve["minis"] else "upstream") + {
+                    "no": "", "yes": ", grad. ckpt", "yes + offload": ", grad. ckpt + offload"}[checkpointing]
                 axis.plot(xs, ys, marker="o", color="tab:green" if curve["minis"] else "tab:red",
-                          linestyle="--" if curve["grad_ckpt"] else "-", label=label)
+                          linestyle={"no": "-", "yes": "--", "yes + offload": ":"}[checkpointing], label=label)
             axis.axhline(budget, color="gray", linewidth=1)
             axis.text(xs[0], budget * 1.03, f"{results['gpu_mem']} budget", color="gray", fontsize=8)
             axis.set_xscale("log", base=2)
