@@ -59,6 +59,7 @@ def _max_seq_task(args):
     return {
         "preset": preset, "setup": setup_name, "grad_ckpt": setup.grad_ckpt, "checkpointing": _checkpointing(setup),
         "minis": mini_sequence, "max_seq": length, "peak": None if estimate is None else estimate.total,
+        "host_bytes": None if estimate is None else estimate.host_bytes,
         "phase": None if estimate is None else estimate.phase, "seconds": time.perf_counter() - started,
     }
 
