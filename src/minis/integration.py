@@ -41,13 +41,7 @@ def _mini_sequence_mlp_forward(upstream_forward):
         config = self.config
         if args or kwargs or not minis_config.use_mini_sequence(config) or getattr(x, "dim", lambda: 0)() < 2:
             return upstream_forward(self, x, *args, **kwargs)
-        if (
-            _compiling()
-            or _holds_sequence_dependent_adapter(self)
-            or _under_functorch_transform_other_than_grad(self)
-        ):
-            return upstream_forward(self, x)
-        agree_across_ranks = _needs_rank_agreement(self)
+        agree_across_ranks = _chunked_call_allowed(self, self)
         if agree_across_ranks is None:
             return upstream_forward(self, x)
         chunking = minis_config.mlp_chunking(config, x.shape[-2], x.device, agree_across_ranks=agree_across_ranks)
@@ -63,6 +57,22 @@ def _mini_sequence_mlp_forward(upstream_forward):
 
     setattr(forward, _UPSTREAM, upstream_forward)
     return forward
+
+
+def _chunked_call_allowed(caller, chunked) -> bool | None:
+    """None when the module `chunked` (called from `caller`'s forward) must run upstream's unchunked code now;
+    otherwise whether its chunk count must be agreed across ranks (see `_needs_rank_agreement`).
+
+    Unchunked: while torch.compile traces, when `chunked` holds an adapter that chunking would change, under a
+    functorch transform the chunked function has no rule for, and for ZeRO-3 modules outside a training forward.
+    """
+    if (
+        _compiling()
+        or _holds_sequence_dependent_adapter(chunked)
+        or _under_functorch_transform_other_than_grad(caller)
+    ):
+        return None
+    return _needs_rank_agreement(chunked)
 
 
 def _needs_rank_agreement(module) -> bool | None:
@@ -221,13 +231,7 @@ def _mini_sequence_causal_lm_forward(upstream_forward, family: Family):
         keeps_all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
         if labels is None or not keeps_all_logits or not _uses_default_causal_lm_loss(self):
             return upstream_forward(self, *args, **kwargs)
-        if (
-            _compiling()
-            or _holds_sequence_dependent_adapter(self.lm_head)
-            or _under_functorch_transform_other_than_grad(self)
-        ):
-            return upstream_forward(self, *args, **kwargs)
-        agree_across_ranks = _needs_rank_agreement(self.lm_head)
+        agree_across_ranks = _chunked_call_allowed(self, self.lm_head)
         if agree_across_ranks is None:
             return upstream_forward(self, *args, **kwargs)
         if not return_dict:
