@@ -122,22 +122,23 @@ class _ChunkedRun:
     def forward(self, x: torch.Tensor, params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Runs every chunk; `params`, when given, stand in for the module's parameters (functorch passes
         unwrapped ones). An unreplayable random op puts the generators back as they were before it raises."""
-        swapped = contextlib.nullcontext() if params is None or self.zero3 else _parameters_swapped(self.slots, params)
-        if params is not None and self.gradients_in_forward:
+        precompute = params is not None and self.gradients_in_forward
+        if precompute:
             needs_x = x.requires_grad
             param_needs = [param.requires_grad for param in params]
         # No graph is built over the whole input; a detached input keeps hooks that inspect autograd state
         # (FlopCounterMode's module tracker) from meeting views that require grad but have no grad_fn.
         x = x.detach()
         try:
-            if params is not None and self.gradients_in_forward:
+            if precompute:
                 with torch.enable_grad():
                     total, grad_x, accumulators = _gradients_over_chunks(
                         self, x, needs_x, param_needs, None, drawing=True
                     )
                 self.precomputed = (grad_x, accumulators)
                 return total
-            with swapped:
+            keep_parameters = params is None or self.zero3
+            with contextlib.nullcontext() if keep_parameters else _parameters_swapped(self.slots, params):
                 outputs = [
                     self.run_chunk(self.chunk_inputs(x, start, stop), start, stop, draw=(index == 0))
                     for index, (start, stop) in enumerate(self.bounds)
@@ -222,6 +223,16 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _split_chunk_gradients(
+    grads: Sequence[torch.Tensor | None], needs_x: bool, param_needs: Sequence[bool]
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """`autograd.grad`'s results for `[x_chunk if needs_x] + [parameters that need a gradient]`, split into the
+    input's gradient and one entry per parameter slot (None where none was asked for or none flowed)."""
+    remaining = iter(grads)
+    grad_x = next(remaining) if needs_x else None
+    return grad_x, [next(remaining) if needed else None for needed in param_needs]
+
+
 def _recompute_context(ctx, device_type: str):
     return torch.enable_grad(), torch.autocast(device_type=device_type, **ctx.autocast_state)
 
@@ -275,22 +286,18 @@ def _gradients_over_chunks(
             chunk_grad = None
         else:
             chunk_grad = grad_output if run.reduce == "sum" else grad_output.narrow(run.seq_dim, start, stop - start)
-        grads = list(torch.autograd.grad(output, wanted, chunk_grad, allow_unused=True))
-        if needs_x:
-            grad = grads.pop(0)
-            if grad is not None:
-                grad_x.narrow(run.seq_dim, start, stop - start).copy_(grad)
-        for slot, needed in enumerate(param_needs):
-            if not needed:
-                continue
-            grad = grads.pop(0)
+        grads = torch.autograd.grad(output, wanted, chunk_grad, allow_unused=True)
+        chunk_grad_x, chunk_param_grads = _split_chunk_gradients(grads, needs_x, param_needs)
+        if chunk_grad_x is not None:
+            grad_x.narrow(run.seq_dim, start, stop - start).copy_(chunk_grad_x)
+        for slot, grad in enumerate(chunk_param_grads):
             if grad is None:
                 continue
             if accumulators[slot] is None:
                 accumulators[slot] = grad.to(_accumulation_dtype(grad.dtype))
             else:
                 accumulators[slot].add_(grad)
-        del output, grads
+        del output, grads, chunk_grad_x, chunk_param_grads
     return total, grad_x, accumulators
 
 
@@ -352,22 +359,21 @@ def _differentiable_backward(ctx, run: _ChunkedRun, x: torch.Tensor, grad_output
             chunk_grad = grad_output if run.reduce == "sum" else grad_output.narrow(run.seq_dim, start, stop - start)
             wanted = ([x_chunk] if needs_x else []) + [a for a, needed in zip(aliases, param_needs) if needed]
             if wanted and output.requires_grad:
-                grads = list(torch.autograd.grad(output, wanted, chunk_grad, create_graph=True, allow_unused=True))
+                grads = torch.autograd.grad(output, wanted, chunk_grad, create_graph=True, allow_unused=True)
             else:
                 grads = [None] * len(wanted)
+            chunk_grad_x, chunk_param_grads = _split_chunk_gradients(grads, needs_x, param_needs)
             if needs_x:
-                grad = grads.pop(0)
-                x_grads.append(torch.zeros_like(x_chunk) if grad is None else grad)
-            for index, needed in enumerate(param_needs):
-                if not needed:
-                    continue
-                grad = grads.pop(0)
+                x_grads.append(torch.zeros_like(x_chunk) if chunk_grad_x is None else chunk_grad_x)
+            for slot, grad in enumerate(chunk_param_grads):
                 if grad is None:
                     continue
                 grad = grad.to(_accumulation_dtype(grad.dtype))
-                param_grads[index] = grad if param_grads[index] is None else param_grads[index] + grad
+                param_grads[slot] = grad if param_grads[slot] is None else param_grads[slot] + grad
     grad_x = torch.cat(x_grads, dim=run.seq_dim) if needs_x else None
-    param_grads = [None if grad is None else grad.to(param.dtype) for grad, (_, _, param) in zip(param_grads, run.slots)]
+    param_grads = [
+        None if grad is None else grad.to(param.dtype) for grad, (_, _, param) in zip(param_grads, run.slots)
+    ]
     return [grad_x, *param_grads]
 
 
