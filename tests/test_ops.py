@@ -36,6 +36,14 @@ def run_and_grads(fn, module, x):
     return out.detach(), x.grad, {name: p.grad.clone() for name, p in module.named_parameters()}
 
 
+def assert_same_results(got, ref, input_grad_tolerance=1e-6):
+    """`run_and_grads` results agree: output 1e-6, input gradient `input_grad_tolerance`, parameter gradients 1e-5."""
+    assert relative_error(got[0], ref[0]) < 1e-6
+    assert relative_error(got[1], ref[1]) < input_grad_tolerance
+    for name in ref[2]:
+        assert relative_error(got[2][name], ref[2][name]) < 1e-5, name
+
+
 @pytest.mark.parametrize("shape", [(2, 13, 16), (29, 16), (1, 127, 16)])
 @pytest.mark.parametrize("chunking", [{"num_chunks": 4}, {"chunk_size": 5}, {"num_chunks": 1}, {"chunk_size": 1000}])
 def test_mlp_matches_unchunked(shape, chunking):
@@ -44,10 +52,7 @@ def test_mlp_matches_unchunked(shape, chunking):
     x = torch.randn(shape)
     ref = run_and_grads(mlp, mlp, x)
     got = run_and_grads(lambda t: mini_sequence_mlp(mlp.forward, t, module=mlp, **chunking), mlp, x)
-    assert relative_error(got[0], ref[0]) < 1e-6
-    assert relative_error(got[1], ref[1]) < 1e-6
-    for name in ref[2]:
-        assert relative_error(got[2][name], ref[2][name]) < 1e-5, name
+    assert_same_results(got, ref)
 
 
 def test_mlp_dropout_replays_unchunked_masks():
@@ -58,10 +63,7 @@ def test_mlp_dropout_replays_unchunked_masks():
     torch.manual_seed(123)
     got = run_and_grads(lambda t: mini_sequence_mlp(mlp.forward, t, module=mlp, num_chunks=5), mlp, x)
     # Different masks would differ by O(1); the same masks differ only by matmul blocking.
-    assert relative_error(got[0], ref[0]) < 1e-6
-    assert relative_error(got[1], ref[1]) < 1e-6
-    for name in ref[2]:
-        assert relative_error(got[2][name], ref[2][name]) < 1e-5, name
+    assert_same_results(got, ref)
     # The generator ends in the same state: later random draws of the training step are unaffected.
     torch.manual_seed(123)
     mlp(x)
@@ -190,10 +192,7 @@ def test_loss_matches_for_causal_lm_loss(softcap, scaling, bias, chunking):
 
     ref = run_and_grads(upstream, head, states)
     got = run_and_grads(chunked, head, states)
-    assert relative_error(got[0], ref[0]) < 1e-6
-    assert relative_error(got[1], ref[1]) < 1e-5
-    for name in ref[2]:
-        assert relative_error(got[2][name], ref[2][name]) < 1e-5, name
+    assert_same_results(got, ref, input_grad_tolerance=1e-5)
 
 
 def test_loss_num_items_in_batch_and_shift_labels():
@@ -248,10 +247,7 @@ def test_empty_leading_chunks_with_dropout_match_unchunked(bounds):
     torch.manual_seed(7)
     got = run_and_grads(lambda t: mini_sequence_apply(mlp.forward, t, module=mlp, bounds=bounds, seq_dim=1), mlp, x)
     assert torch.equal(torch.rand(3), after_upstream), "the generator must end where upstream's does"
-    assert relative_error(got[0], ref[0]) < 1e-6
-    assert relative_error(got[1], ref[1]) < 1e-6
-    for name in ref[2]:
-        assert relative_error(got[2][name], ref[2][name]) < 1e-5, name
+    assert_same_results(got, ref)
 
 
 def test_dropout_with_p_one_zeroes_like_upstream():

@@ -57,6 +57,14 @@ def small_config(model_type="llama", layers=5, **overrides):
     return tiny_config(model_type, **sizes)
 
 
+def bytes_before_the_step(model, optimizer, batch) -> int:
+    """What exists before a training step and the allocator's peak of it does not count: weights, buffers,
+    optimizer state and the batch (each storage once)."""
+    existing = [*model.parameters(), *model.buffers(), *(optimizer.state_tensors() if optimizer else []),
+                *(v for v in batch.values() if isinstance(v, torch.Tensor))]
+    return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in existing}.values())
+
+
 def real_peak(config, seq_len, setup, mini_sequence):
     """The CPU allocator's peak of the planner's training step on a real model, plus what existed before it."""
     config = _sim_config(config, config.num_hidden_layers, mini_sequence)
@@ -65,9 +73,7 @@ def real_peak(config, seq_len, setup, mini_sequence):
         model = build_model(config, setup)
         optimizer = make_optimizer(model, setup)
         batch = make_batch(config, seq_len, setup.batch_size)
-        existing = [*model.parameters(), *model.buffers(), *(optimizer.state_tensors() if optimizer else []),
-                    *(v for v in batch.values() if isinstance(v, torch.Tensor))]
-        before = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in existing}.values())
+        before = bytes_before_the_step(model, optimizer, batch)
         return allocator_peak_bytes(lambda: run_training_step(model, batch, setup, LiveStorageTracker(), optimizer)) \
             + before
 
@@ -95,9 +101,7 @@ def real_offload_peak(config, seq_len, setup, mini_sequence):
         offloader = offloader_of(model)
         pool_bytes = sum(pool.held_bytes for pool in offloader.pools.values())
         allocations = sum(pool.allocations for pool in offloader.pools.values())
-        existing = [*model.parameters(), *model.buffers(), *(optimizer.state_tensors() if optimizer else []),
-                    *(v for v in batch.values() if isinstance(v, torch.Tensor))]
-        before = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in existing}.values())
+        before = bytes_before_the_step(model, optimizer, batch)
         measured = allocator_peak_bytes(
             lambda: run_training_step(model, batch, setup, LiveStorageTracker(), optimizer)) + before
         assert sum(pool.allocations for pool in offloader.pools.values()) == allocations, "the pool was reused"
