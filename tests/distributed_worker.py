@@ -174,14 +174,13 @@ def run_uneven(rank: int, world_size: int, family: str) -> dict:
     """
     import torch.distributed as dist
 
-    from minis import config as minis_config
+    from framework_helpers import agreement_spy
+
     from minis.ops import mlp
 
     calls = [0]
-    agreements = [0]
     seen_bounds: list[int] = []
     original_chunk_bounds = mlp.chunk_bounds
-    original_agree = minis_config._agree_on_chunk_count
 
     def collective_per_call(module, args):
         dist.all_reduce(torch.ones(1))
@@ -192,10 +191,6 @@ def run_uneven(rank: int, world_size: int, family: str) -> dict:
         seen_bounds.append(len(bounds))
         return bounds
 
-    def counting_agree(local_count, device):
-        agreements[0] += 1
-        return original_agree(local_count, device)
-
     result = {}
     for label, use_mini_sequence, zero3_like in (("local", True, False), ("on", True, True), ("off", False, True)):
         model = make_model(family, use_mini_sequence=use_mini_sequence, mini_sequence_chunk_size=UNEVEN_CHUNK_SIZE)
@@ -204,24 +199,23 @@ def run_uneven(rank: int, world_size: int, family: str) -> dict:
                 layer.mlp.gate_proj.register_forward_pre_hook(collective_per_call)
                 for number, param in enumerate(layer.mlp.parameters()):
                     param.ds_id = 1000 * index + number  # DeepSpeed's mark of a ZeRO-3 parameter (no ds_status)
-        calls[0] = agreements[0] = 0
+        calls[0] = 0
         seen_bounds.clear()
         mlp.chunk_bounds = recording_chunk_bounds
-        minis_config._agree_on_chunk_count = counting_agree
         try:
-            ids = rank_batch(global_batch(model.config.vocab_size), rank, world_size, UNEVEN_LENGTHS)
-            model.train()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
+            with agreement_spy() as agreements:
+                ids = rank_batch(global_batch(model.config.vocab_size), rank, world_size, UNEVEN_LENGTHS)
+                model.train()
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
         finally:
             mlp.chunk_bounds = original_chunk_bounds
-            minis_config._agree_on_chunk_count = original_agree
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         result[label] = {
             "loss": loss.item(),
             "chunk_counts": list(seen_bounds),
             "collectives": calls[0],
-            "agreements": agreements[0],
+            "agreements": len(agreements),
             "grads": grads,
         }
     return result

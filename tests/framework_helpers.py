@@ -90,6 +90,26 @@ def chunking_spy():
         lm_loss.mini_sequence_apply = originals["loss"]
 
 
+@contextlib.contextmanager
+def agreement_spy():
+    """Records the local chunk count of every all-reduce minis makes to agree on chunk counts across ranks
+    (`minis.config._agree_on_chunk_count`); yields the list they are appended to."""
+    from minis import config
+
+    counts: list[int] = []
+    original = config._agree_on_chunk_count
+
+    def recording(local_count, device):
+        counts.append(local_count)
+        return original(local_count, device)
+
+    config._agree_on_chunk_count = recording
+    try:
+        yield counts
+    finally:
+        config._agree_on_chunk_count = original
+
+
 def comparison_args(output_dir, **overrides) -> dict:
     """`TrainingArguments` (or `SFTConfig`) fields of the minis-on/off comparisons: CPU, seeded, plain SGD with a
     constant learning rate (its update is linear in the gradient), no saving, no logging integrations."""

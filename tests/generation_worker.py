@@ -12,7 +12,7 @@ Scenarios:
     short_dropout    automatic chunk counts, a 2-token input (fewer tokens than chunks), LoRA dropout 0.1, DDP.
     zero3_eval       DeepSpeed ZeRO-3, explicit chunk sizes, ranks with different lengths: an eval forward and a
                      no-grad training-mode forward run unchunked, with ZeRO's collectives only.
-Each rank saves what the test compares, and counts the all-reduces minis makes (`_agree_on_chunk_count`).
+Each rank saves what the test compares, and counts the all-reduces minis makes (`framework_helpers.agreement_spy`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import sys
 
 import torch
+from framework_helpers import agreement_spy, chunking_spy
 
 PROMPT_LEN = 12
 
@@ -30,21 +31,6 @@ def make_model(**overrides):
     from minis.testing import tiny_model
 
     return tiny_model("llama", seed=0, **overrides)
-
-
-def count_agreements():
-    """Wraps minis' chunk-count all-reduce; returns the list its calls are appended to."""
-    from minis import config
-
-    calls: list[int] = []
-    original = config._agree_on_chunk_count
-
-    def counting(local_count, device):
-        calls.append(local_count)
-        return original(local_count, device)
-
-    config._agree_on_chunk_count = counting
-    return calls
 
 
 def prompt(rank: int, length: int = PROMPT_LEN) -> torch.Tensor:
@@ -62,30 +48,30 @@ def generated_tokens(model, ids: torch.Tensor, new_tokens: int, minis_on: bool) 
 def run_rank0_generate(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
-    agreements = count_agreements()
-    model = make_model(mini_sequence_chunk_size=4, mini_sequence_loss_chunk_size=5)
-    model.train()
-    ids = prompt(rank, 20)
-    model(input_ids=ids, labels=ids).loss.backward()
-    result = {"agreements_in_training": len(agreements)}
-    if rank == 0:
-        result["tokens"] = generated_tokens(model, prompt(0), 9, True)
-        result["upstream_tokens"] = generated_tokens(model, prompt(0), 9, False)
-    dist.barrier()
-    result["agreements"] = len(agreements)
+    with agreement_spy() as agreements:
+        model = make_model(mini_sequence_chunk_size=4, mini_sequence_loss_chunk_size=5)
+        model.train()
+        ids = prompt(rank, 20)
+        model(input_ids=ids, labels=ids).loss.backward()
+        result = {"agreements_in_training": len(agreements)}
+        if rank == 0:
+            result["tokens"] = generated_tokens(model, prompt(0), 9, True)
+            result["upstream_tokens"] = generated_tokens(model, prompt(0), 9, False)
+        dist.barrier()
+        result["agreements"] = len(agreements)
     return result
 
 
 def run_uneven_generate(rank: int, world_size: int) -> dict:
-    agreements = count_agreements()
-    model = make_model(mini_sequence_chunk_size=3, mini_sequence_loss_chunk_size=5)
-    ids = prompt(rank, PROMPT_LEN + 5 * rank)
-    new_tokens = 6 + 7 * rank
-    return {
-        "tokens": generated_tokens(model, ids, new_tokens, True),
-        "upstream_tokens": generated_tokens(model, ids, new_tokens, False),
-        "agreements": len(agreements),
-    }
+    with agreement_spy() as agreements:
+        model = make_model(mini_sequence_chunk_size=3, mini_sequence_loss_chunk_size=5)
+        ids = prompt(rank, PROMPT_LEN + 5 * rank)
+        new_tokens = 6 + 7 * rank
+        return {
+            "tokens": generated_tokens(model, ids, new_tokens, True),
+            "upstream_tokens": generated_tokens(model, ids, new_tokens, False),
+            "agreements": len(agreements),
+        }
 
 
 def run_short_dropout(rank: int, world_size: int) -> dict:
@@ -115,17 +101,6 @@ def run_short_dropout(rank: int, world_size: int) -> dict:
 def run_zero3_eval(rank: int, world_size: int) -> dict:
     import deepspeed
 
-    from minis.ops import mlp
-
-    agreements = count_agreements()
-    chunked_calls = [0]
-    original = mlp.mini_sequence_apply
-
-    def counting(*args, **kwargs):
-        chunked_calls[0] += 1
-        return original(*args, **kwargs)
-
-    mlp.mini_sequence_apply = counting
     model = make_model(mini_sequence_chunk_size=4, mini_sequence_loss_chunk_size=5)
     config = {
         "train_micro_batch_size_per_gpu": 1,
@@ -135,21 +110,22 @@ def run_zero3_eval(rank: int, world_size: int) -> dict:
     }
     engine, _, _, _ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
     ids = prompt(rank, 20 + 9 * rank)
-    engine.eval()
-    with torch.no_grad():
-        eval_loss = engine(input_ids=ids, labels=ids).loss.item()
-    engine.train()
-    with torch.no_grad():
-        no_grad_loss = engine(input_ids=ids, labels=ids).loss.item()
-    quiet = {"agreements": len(agreements), "chunked_calls": chunked_calls[0]}
-    loss = engine(input_ids=ids, labels=ids).loss
-    engine.backward(loss)
+    with agreement_spy() as agreements, chunking_spy() as chunked_calls:
+        engine.eval()
+        with torch.no_grad():
+            eval_loss = engine(input_ids=ids, labels=ids).loss.item()
+        engine.train()
+        with torch.no_grad():
+            no_grad_loss = engine(input_ids=ids, labels=ids).loss.item()
+        quiet = {"agreements": len(agreements), "chunked_calls": chunked_calls["mlp"]}
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
     return {
         "eval_loss": eval_loss,
         "no_grad_loss": no_grad_loss,
         "quiet": quiet,
         "training_agreements": len(agreements),
-        "training_chunked_calls": chunked_calls[0],
+        "training_chunked_calls": chunked_calls["mlp"],
     }
 
 
