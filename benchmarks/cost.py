@@ -662,15 +662,33 @@ def text_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _section_span(text: str) -> tuple[int, int] | None:
+    """Where this script's section (its markers included) stands in `text`, or None."""
+    start, stop = text.find(DOC_BEGIN), text.find(DOC_END)
+    if start < 0 or stop < 0:
+        return None
+    return start, stop + len(DOC_END)
+
+
+def read_section(path: str | None = None) -> str | None:
+    """This script's section of `path` (docs/benchmarks.md) as it stands, markers included, or None."""
+    path = path or DOC
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    span = _section_span(text)
+    return None if span is None else text[span[0] : span[1]]
+
+
 def write_doc(section: str, path: str | None = None) -> None:
     """Replaces the section between the markers in `path` (docs/benchmarks.md), or appends it; keeps the rest."""
     path = path or DOC
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
-    if DOC_BEGIN in text and DOC_END in text:
-        start = text.index(DOC_BEGIN)
-        end = text.index(DOC_END) + len(DOC_END)
-        text = text[:start] + section + text[end:]
+    span = _section_span(text)
+    if span is not None:
+        text = text[: span[0]] + section + text[span[1] :]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     with open(path, "w", encoding="utf-8") as handle:
@@ -680,24 +698,24 @@ def write_doc(section: str, path: str | None = None) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
-    return value
+def _float_parser(allow_zero: bool):
+    """An argparse `type` for a finite number above zero (or at least zero, with `allow_zero`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            allowed = "zero or a positive number" if allow_zero else "a positive number"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {allowed}")
+        return value
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be zero or a positive number")
-    return value
+_positive_float = _float_parser(allow_zero=False)
+_non_negative_float = _float_parser(allow_zero=True)
 
 
 def _positive_int(text: str) -> int:

@@ -197,16 +197,10 @@ def write_doc(results, images) -> None:
 
 def _step_cost_section() -> str:
     """The section `benchmarks/cost.py --write-doc` keeps in the same page, carried over unchanged (or nothing)."""
-    from cost import DOC_BEGIN, DOC_END  # benchmarks/ is the script directory, so on sys.path
+    from cost import read_section  # benchmarks/ is the script directory, so on sys.path
 
-    if not os.path.exists(DOC):
-        return ""
-    with open(DOC, encoding="utf-8") as handle:
-        page = handle.read()
-    start, stop = page.find(DOC_BEGIN), page.find(DOC_END)
-    if start < 0 or stop < 0:
-        return ""
-    return "\n" + page[start : stop + len(DOC_END)] + "\n"
+    section = read_section(DOC)
+    return "" if section is None else "\n" + section + "\n"
 
 
 def main(argv=None) -> int:
