@@ -156,6 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
+    # Ranks that exit with the process group alive can abort in its teardown ("terminate called without an
+    # active exception" from gloo's threads); close it once every rank is done.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
