@@ -55,3 +55,29 @@ def test_llama3_shaped_peak_is_lower_with_minis():
     # 8K tokens x 128256 vocab: upstream holds several GiB of fp32 logits-sized tensors that minis never builds.
     # `minis plan --model <this config> --seq 8192 --optimizer none` predicts 5.6 vs 15.1 GiB above the weights.
     assert peaks[True] < 0.5 * peaks[False], peaks
+
+
+def test_torchao_cpu_offload_optimizer_matches_minis_off():
+    """The recipe of docs/optimizer-offload.md: torchao keeps AdamW's state on the host and steps each parameter
+    from its post-accumulate-grad hook, which minis fires once per backward."""
+    optim = pytest.importorskip("torchao.optim", reason="torchao is not installed (pip install torchao)")
+    states, losses = {}, {}
+    for minis_on in (True, False):
+        model = tiny_model("llama", hidden_size=256, intermediate_size=1024, vocab_size=4096,
+                           mini_sequence_chunk_size=100, mini_sequence_loss_chunk_size=300).cuda().train()
+        model.config.use_mini_sequence = minis_on
+        optimizer = optim.CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, offload_gradients=True,
+                                              lr=1e-3, eps=1e-6)
+        ids = torch.randint(0, 4096, (2, 1000), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        losses[minis_on] = []
+        for _ in range(2):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[minis_on].append(loss.item())
+        states[minis_on] = {name: value.detach().float().cpu() for name, value in model.state_dict().items()}
+    for a, b in zip(losses[True], losses[False]):
+        assert abs(a - b) <= 1e-5 * abs(b), losses
+    worst = max(relative_error(states[True][name], states[False][name]) for name in states[False])
+    assert worst < 1e-5, worst
