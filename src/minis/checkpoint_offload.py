@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import config as minis_config
+from ._marker import UPSTREAM_MARKER as _UPSTREAM
 from ._warn import warn_once
 
 __all__ = [
@@ -37,8 +38,6 @@ __all__ = [
     "unpatch_pretrained_class",
     "warn_if_offload_without_checkpointing",
 ]
-
-_UPSTREAM = "_minis_upstream"  # same marker as `integration`: the replacement keeps upstream's method here
 
 
 class OffloadingCheckpoint:
