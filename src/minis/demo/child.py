@@ -53,6 +53,7 @@ def run_child(spec_path: str) -> int:
     from transformers.trainer_callback import ProgressCallback
 
     import minis
+    from minis.checkpoint_offload import activation_checkpointing_arguments
     from minis.memory import profile_peak_bytes
     from minis.testing import tiny_config
 
@@ -80,7 +81,7 @@ def run_child(spec_path: str) -> int:
             seed=spec["seed"],
             data_seed=spec["seed"],
             dataloader_num_workers=0,
-            gradient_checkpointing=spec["grad_ckpt"],
+            **activation_checkpointing_arguments(enabled=spec["grad_ckpt"]),
             disable_tqdm=False,
         )
         trainer = Trainer(model=model, args=args, train_dataset=_BlockDataset(blocks), callbacks=[recorder])

@@ -57,7 +57,7 @@ def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--vocab-size", type=int, default=2048, help="size of the BPE vocabulary trained here")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
     parser.add_argument("--seed", type=int, default=0, help="weights, data order (the same in both runs)")
-    parser.add_argument("--grad-ckpt", action="store_true", help="turn on gradient checkpointing in both runs")
+    parser.add_argument("--grad-ckpt", action="store_true", help="turn on activation checkpointing in both runs")
     parser.add_argument(
         "--output-dir",
         default=None,
@@ -227,7 +227,7 @@ def _run_demo(args: argparse.Namespace, output_dir: str, quiet: bool) -> dict[st
         f"minis demo: {args.model_type}, hidden {args.hidden_size}, intermediate {args.intermediate_size}, "
         f"{_plural(args.layers, 'layer')}, {_plural(args.heads, 'head')}, vocab {vocab_size}; "
         f"seq {args.seq_len} x batch {args.batch_size}, {args.steps} steps, fp32 on CPU "
-        f"({setup['torch_threads']} threads)" + (", gradient checkpointing" if args.grad_ckpt else ""),
+        f"({setup['torch_threads']} threads)" + (", activation checkpointing" if args.grad_ckpt else ""),
         quiet,
     )
     _log(
