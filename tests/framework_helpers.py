@@ -144,16 +144,6 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     return worst
 
 
-@pytest.fixture
-def single_thread():
-    """Runs a test with one intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine two
-    OpenMP threads per process spin against each other (tens of times slower per small op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
