@@ -15,10 +15,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..families import FAMILIES, FAMILY_NAMES
 from .report import compare_runs, format_report
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["argument_problem", "build_parser", "main", "make_blocks", "run"]
 
@@ -83,7 +86,7 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def make_blocks(ids: list[int], seq_len: int, num_blocks: int, bos_id: int, eos_id: int):
+def make_blocks(ids: list[int], seq_len: int, num_blocks: int, bos_id: int, eos_id: int) -> torch.Tensor:
     """`num_blocks` rows of `seq_len` tokens, cut one after another from bos + ids + eos, repeated as needed.
 
     Returns:
