@@ -93,11 +93,13 @@ def run_one(
 def enable_checkpointing(model, offload: bool) -> None:
     """Non-reentrant checkpointing of every layer; with `offload`, minis' asynchronous offload for the minis
     variant and upstream's `save_on_cpu` for the upstream one (transformers >= 5.23, which has the switch)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
+    from minis.checkpoint_offload import enable_activation_checkpointing, has_activation_checkpointing_names
+
+    if has_activation_checkpointing_names():
+        enable_activation_checkpointing(model, {"use_reentrant": False}, offload=offload)
         return
     # Older transformers (the GPU image has 5.17): no offload switch upstream; minis reads its config attribute.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model, {"use_reentrant": False})
     model.config.mini_sequence_offload = offload
 
 
@@ -150,10 +152,10 @@ def main(argv=None) -> int:
     checkpointing += " with offload" if args.offload else ""
     print(f"{name}, Llama-3-8B shape with {args.layers} layers, bf16, SDPA, fused AdamW, batch 1, {checkpointing}")
     print(f"{'seq':>7} {'variant':>9} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'planned GiB':>12}")
-    from transformers import PreTrainedModel
+    from minis.checkpoint_offload import has_activation_checkpointing_names
 
     variants = (False, True)
-    if args.offload and not hasattr(PreTrainedModel, "activation_checkpointing_enable"):
+    if args.offload and not has_activation_checkpointing_names():
         print("(upstream skipped: this transformers has no offload switch; it came in 5.23)")
         variants = (True,)
     for seq_len in args.seq:

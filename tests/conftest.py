@@ -46,6 +46,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def single_thread():
+    """Runs a test with one intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine two
+    OpenMP threads per process spin against each other (tens of times slower per small op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _minis_enabled():
     """Every test starts with minis patched in, whatever an earlier test did."""

@@ -64,30 +64,37 @@ def pad_collator(features: list[dict]) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def chunking_spy():
-    """Counts the chunked calls minis makes: {"mlp": MLP calls, "loss": LM-head loss calls}.
+    """Counts the chunked calls minis makes: {"mlp": MLP calls (dense or experts), "loss": LM-head loss calls}.
 
-    Both go through `mini_sequence_apply`, looked up in the modules that call it; wrapping it there counts exactly
-    the calls that chunk (the MLP and the loss return early, unchunked, when minis does not apply).
+    Every chunked call goes through `minis.ops.mini_sequence_apply`. Its callers import it by name, so the spy
+    replaces it in every loaded minis module that holds it, and tells the kinds apart by the reduction: a loss sums
+    its chunks (`reduce="sum"`), an MLP concatenates them. The MLP and the loss return early, unchunked, when minis
+    does not apply, so only chunking calls are counted. (A caller that bound the function in a closure, not a
+    module attribute, is not seen.)
     """
-    from minis.ops import lm_loss, mlp
+    import sys
 
+    from minis.ops import mini_sequence
+
+    original = mini_sequence.mini_sequence_apply
     counts = {"mlp": 0, "loss": 0}
-    originals = {"mlp": mlp.mini_sequence_apply, "loss": lm_loss.mini_sequence_apply}
 
-    def counting(kind):
-        def wrapper(*args, **kwargs):
-            counts[kind] += 1
-            return originals[kind](*args, **kwargs)
+    def counting(*args, **kwargs):
+        counts["loss" if kwargs.get("reduce") == "sum" else "mlp"] += 1
+        return original(*args, **kwargs)
 
-        return wrapper
-
-    mlp.mini_sequence_apply = counting("mlp")
-    lm_loss.mini_sequence_apply = counting("loss")
+    holders = [
+        module
+        for name, module in list(sys.modules.items())
+        if (name == "minis" or name.startswith("minis.")) and getattr(module, "mini_sequence_apply", None) is original
+    ]
+    for module in holders:
+        module.mini_sequence_apply = counting
     try:
         yield counts
     finally:
-        mlp.mini_sequence_apply = originals["mlp"]
-        lm_loss.mini_sequence_apply = originals["loss"]
+        for module in holders:
+            module.mini_sequence_apply = original
 
 
 @contextlib.contextmanager
@@ -142,16 +149,6 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
         scale = y.abs().max().item() or 1.0
         worst = max(worst, (x - y).abs().max().item() / scale)
     return worst
-
-
-@pytest.fixture
-def single_thread():
-    """Runs a test with one intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine two
-    OpenMP threads per process spin against each other (tens of times slower per small op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def free_port() -> int:

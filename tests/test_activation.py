@@ -65,6 +65,29 @@ def test_unknown_minis_value_warns_and_stays_on():
     assert "MINIS='banana'" in result.stderr and "MINIS=0" in result.stderr
 
 
+def test_importing_minis_and_reading_the_switch_installs_nothing():
+    """Only start-up (`minis.pth`) and `minis.enable()` install the hook: `import minis` and the `MINIS` switch's
+    module are side-effect free. Run without site-packages (`-S`), so no start-up file installs it first."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import minis
+        from minis._switch import OFF_VALUES, minis_switched_on
+        from minis._hook import MinisFinder
+        print(minis_switched_on(), "0" in OFF_VALUES, any(isinstance(f, MinisFinder) for f in sys.meta_path))
+        """
+    )
+    source = os.path.dirname(os.path.dirname(minis.__file__))
+    result = subprocess.run([sys.executable, "-S", "-c", code, source], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "MINIS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "False"]
+
+
 def test_a_failing_patch_warns_and_leaves_upstream_untouched():
     code = textwrap.dedent(
         """

@@ -30,6 +30,21 @@ def test_bad_arguments_return_2(capsys):
     assert demo.main(["--steps", "0"]) == 2
 
 
+def test_parser_serves_as_a_parent_and_run_checks_what_it_parsed(capsys):
+    """A command line with subcommands takes `build_parser(add_help=False)` as a parent and calls `run(args)`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="minis")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("demo", parents=[demo.build_parser(add_help=False)])
+    args = parser.parse_args(["demo", "--heads", "3", "--steps", "2"])
+    assert (args.heads, args.steps, args.seq_len) == (3, 2, 4096)
+    assert demo.run(args) == 2
+    assert "--heads 3 does not divide --hidden-size 256" in capsys.readouterr().err
+    assert demo.run(parser.parse_args(["demo", "--lr", "0"])) == 2
+    assert "--lr must be positive, got 0.0" in capsys.readouterr().err
+
+
 def test_help_returns_0(capsys):
     from minis.cli import main as cli_main
 

@@ -29,7 +29,13 @@ import torch
 from helpers import relative_error
 
 from minis import _warn
-from minis.checkpoint_offload import offloader_of
+from minis.checkpoint_offload import (
+    activation_checkpointing_arguments,
+    disable_activation_checkpointing,
+    enable_activation_checkpointing,
+    has_activation_checkpointing_names,
+    offloader_of,
+)
 from minis.memory import LiveStorageTracker, measure_training_step_peak
 from minis.ops.offload import CheckpointOffloader, HostBufferPool
 from minis.families import FAMILIES
@@ -79,16 +85,12 @@ def assert_same(actual, expected):
 
 
 def enable_checkpointing(model, reentrant=None, **kwargs):
-    """transformers' switch: `activation_checkpointing_enable`, or `gradient_checkpointing_enable` (5.17)."""
-    checkpoint_kwargs = None if reentrant is None else {"use_reentrant": reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+    """transformers' switch, under the installed version's name (`activation_checkpointing_enable` from 5.23)."""
+    enable_activation_checkpointing(model, None if reentrant is None else {"use_reentrant": reentrant}, **kwargs)
 
 
 def disable_checkpointing(model):
-    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    disable_activation_checkpointing(model)
 
 
 def hidden_bytes(model, batch):
@@ -346,7 +348,7 @@ def test_config_attribute_turns_offload_on_and_off_without_the_script():
     batch = random_batch()
     expected = loss_and_grads(make_model("llama", use_mini_sequence=False), batch)
     model = make_model("llama", mini_sequence_offload=True)
-    model.gradient_checkpointing_enable()  # the deprecated alias, no offload argument
+    enable_checkpointing(model)  # no offload argument
     assert_same(loss_and_grads(model, batch), expected)
     offloader = offloader_of(model)
     assert offloader.bytes_offloaded == (LAYERS - 1) * hidden_bytes(model, batch)
@@ -519,38 +521,70 @@ def test_device_peak_drops_by_the_offloaded_checkpoints(reentrant):
     assert drop == pytest.approx((MEMORY_LAYERS - 2) * checkpoint_bytes, abs=0.1 * checkpoint_bytes)
 
 
-# --- Trainer -------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize("switch", ["activation_checkpointing", "gradient_checkpointing"])
-def test_trainer_with_offload_matches_upstream(tmp_path, switch):
-    from framework_helpers import comparison_args, max_relative_difference, model, pad_collator, token_dataset
+# --- Trainer ---------------------------------------------------------------------------------------------
+def train_with_trainer(tmp_path, minis_on: bool, **args):
+    """A tiny llama trained by an unchanged Trainer; returns (model, losses, weights)."""
+    from framework_helpers import comparison_args, model, pad_collator, token_dataset
     from transformers import Trainer, TrainingArguments
 
-    if switch not in TrainingArguments.__dataclass_fields__:
-        pytest.skip(f"this transformers' TrainingArguments has no {switch} (5.17 has only gradient_checkpointing)")
+    net = model("llama", num_hidden_layers=LAYERS)
+    net.config.use_mini_sequence = minis_on
+    trainer = Trainer(
+        model=net,
+        args=TrainingArguments(**comparison_args(tmp_path / str(minis_on), **args)),
+        train_dataset=token_dataset(16, 20, 48),
+        data_collator=pad_collator,
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return net, losses, {name: p.detach().clone() for name, p in net.named_parameters()}
 
-    def train(minis_on: bool, **args):
-        net = model("llama", num_hidden_layers=LAYERS)
-        net.config.use_mini_sequence = minis_on
-        trainer = Trainer(
-            model=net,
-            args=TrainingArguments(**comparison_args(tmp_path / str(minis_on), **args)),
-            train_dataset=token_dataset(16, 20, 48),
-            data_collator=pad_collator,
-        )
-        trainer.train()
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        return net, losses, {name: p.detach().clone() for name, p in net.named_parameters()}
+
+@pytest.mark.slow
+def test_trainer_with_offload_matches_upstream(tmp_path):
+    from framework_helpers import max_relative_difference
 
     # Upstream's own offload needs an accelerator (`pin_memory=True`), so the reference runs without it.
-    _, losses_off, weights_off = train(False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # the deprecated gradient_checkpointing* arguments
-        net, losses_on, weights_on = train(True, **{switch: True, f"{switch}_kwargs": {"offload": True}})
+    _, losses_off, weights_off = train_with_trainer(tmp_path, False)
+    net, losses_on, weights_on = train_with_trainer(
+        tmp_path, True, **activation_checkpointing_arguments(checkpoint_kwargs={"offload": True})
+    )
     assert all(layer.gradient_checkpointing for layer in net.model.layers)
     assert offloader_of(net).bytes_offloaded > 0
     torch.testing.assert_close(torch.tensor(losses_on), torch.tensor(losses_off), rtol=1e-5, atol=0)
     assert max_relative_difference(weights_on, weights_off) < 1e-5
+
+
+@pytest.mark.skipif(
+    not has_activation_checkpointing_names(),
+    reason="transformers < 5.23: gradient_checkpointing* are the current names, which every other test uses",
+)
+def test_deprecated_gradient_checkpointing_aliases_still_offload(tmp_path):
+    """transformers 5.23 renamed the switch `activation_checkpointing*` and keeps `gradient_checkpointing_enable`
+    and Trainer's `gradient_checkpointing*` as deprecated aliases until v6. With minis they still reach its
+    offload: the model method (with the checkpoint's kwargs) and the Trainer arguments. When transformers drops
+    the aliases this test fails at the first call, and goes with them."""
+    def deprecated_names(caught) -> set[str]:
+        """The names transformers' FutureWarnings call deprecated (they read "`name` is deprecated ...")."""
+        return {str(w.message).split("`")[1] for w in caught if "is deprecated" in str(w.message)}
+
+    batch = random_batch()
+    expected = loss_and_grads(make_model("llama", use_mini_sequence=False), batch)
+    model = make_model("llama")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True}, offload=True)
+        assert_same(loss_and_grads(model, batch), expected)
+        assert offloader_of(model).bytes_offloaded == (LAYERS - 1) * hidden_bytes(model, batch)
+        model.gradient_checkpointing_disable()
+        assert offloader_of(model) is None
+        net, losses, _ = train_with_trainer(
+            tmp_path, True, max_steps=1, gradient_checkpointing=True, gradient_checkpointing_kwargs={"offload": True}
+        )
+    assert net.is_activation_checkpointing and offloader_of(net).bytes_offloaded > 0
+    assert len(losses) == 1
+    assert {"gradient_checkpointing_enable", "gradient_checkpointing_disable", "gradient_checkpointing",
+            "gradient_checkpointing_kwargs"} <= deprecated_names(caught)
 
 
 # --- DDP -----------------------------------------------------------------------------------------------------

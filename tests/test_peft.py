@@ -8,6 +8,11 @@ initialized with `init_lora_weights=False` so that B is non-zero and every LoRA 
 
 fp32 tolerance: 1e-5 relative to each gradient's largest entry (they agree to ~1e-7; a different dropout mask or a
 missing chunk changes them by tens of percent).
+
+Every family of the registry (`minis.families.FAMILY_NAMES`) runs LoRA with dropout on all its linear layers, with
+and without activation checkpointing: these are the cases where a family's own modules (fused projections,
+softcapped or scaled logits, sliding windows) meet the adapters and the dropout replay, and each takes well under a
+second. The other adapters wrap the same `nn.Linear` layers whatever the family, so they run on llama only.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ import warnings
 
 import pytest
 import torch
-from framework_helpers import (  # noqa: F401  (single_thread is a fixture)
+from framework_helpers import (
     chunking_spy,
     max_relative_difference,
     model,
     pad_collator,
-    single_thread,
     token_dataset,
 )
+
+from minis.checkpoint_offload import enable_activation_checkpointing
+from minis.families import FAMILY_NAMES
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -70,26 +77,39 @@ def assert_same_gradients(on_model, off_model):
     return grads_on
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_lora_with_dropout_on_all_projections(family):
-    grads = assert_same_gradients(peft_model(True, family), peft_model(False, family))
-    assert any("mlp.down_proj.lora_A" in name for name in grads)
+def linear_layers(family: str) -> list[str]:
+    """The names of the family's `nn.Linear` layers but the LM head: PEFT's "all-linear" without the fused expert
+    weights of MoE models, which PEFT adapts through `ParamWrapper`, whose LoRA refuses dropout."""
+    net = model(family)
+    output = net.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in net.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not output})
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_lora_with_dropout_on_all_linear_layers(family):
+    """LoRA on every linear layer but the LM head: the family's own projection names, fused ones included."""
+    targets = linear_layers(family)
+    grads = assert_same_gradients(peft_model(True, family, target_modules=targets),
+                                  peft_model(False, family, target_modules=targets))
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name in grads if ".lora_A" in name}
+    assert adapted == set(targets), (adapted, targets)
     # The masks matter: with another seed for the dropout the gradients change a lot.
-    other = peft_model(False, family)
+    other = peft_model(False, family, target_modules=targets)
     torch.manual_seed(99)
     other(**batch()).loss.backward()
     moved = {n: p.grad for n, p in other.named_parameters() if p.requires_grad}
     assert max_relative_difference(moved, grads) > 1e-2
 
 
-@pytest.mark.parametrize("use_reentrant", [False, True])
-def test_lora_dropout_under_activation_checkpointing(use_reentrant):
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_lora_dropout_under_activation_checkpointing(family, use_reentrant):
     """The checkpoint's recompute redraws the dropout masks from the restored generator; they must match too."""
-    on, off = peft_model(True), peft_model(False)
+    targets = linear_layers(family)
+    on, off = peft_model(True, family, target_modules=targets), peft_model(False, family, target_modules=targets)
     for wrapped in (on, off):
-        wrapped.base_model.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
-        )
+        enable_activation_checkpointing(wrapped.base_model.model, {"use_reentrant": use_reentrant})
         wrapped.base_model.model.enable_input_require_grads()
     assert_same_gradients(on, off)
 

@@ -10,21 +10,29 @@ are compared at 1e-5 relative to each tensor's largest value (losses at 1e-5). A
 its own running RMS, which turns a 1e-7 difference in a near-zero gradient into a visible weight difference and
 says nothing about minis. A wrong gradient (a missing chunk, a hook firing twice, another dropout mask) moves
 the weights by the order of the update itself, 1e-3 and more here.
+
+Every family of the registry (`minis.families.FAMILY_NAMES`) runs the gradient-accumulation case: padded batches of
+different lengths and `num_items_in_batch`, through each family's own LM head (softcapping, logits scaling) and
+MLP; it takes a few seconds per family. The other cases test what the Trainer does around the model (checkpointing
+switch, autocast, evaluation, packing collator), which does not depend on the family, so they run on llama; the
+per-family model-level checks of checkpointing, bf16 and packing are in tests/test_models.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from framework_helpers import (  # noqa: F401  (single_thread is a fixture)
+from framework_helpers import (
     chunking_spy,
     comparison_args,
     max_relative_difference,
     model,
     pad_collator,
-    single_thread,
     token_dataset,
 )
+
+from minis.checkpoint_offload import activation_checkpointing_arguments
+from minis.families import FAMILY_NAMES
 
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL = 1e-5
@@ -69,7 +77,7 @@ def assert_same_training(on, off, loss_rtol=LOSS_RTOL, weight_rtol=WEIGHT_RTOL):
     assert max_relative_difference(weights_on, weights_off) < weight_rtol
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_gradient_accumulation_matches_unchunked(tmp_path, family):
     """Padded batches of different lengths, 2 accumulation steps: the Trainer passes `num_items_in_batch`."""
     seen = []
@@ -84,10 +92,10 @@ def test_gradient_accumulation_matches_unchunked(tmp_path, family):
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing_matches_unchunked(tmp_path, use_reentrant):
-    kwargs = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+def test_activation_checkpointing_matches_unchunked(tmp_path, use_reentrant):
+    kwargs = activation_checkpointing_arguments(checkpoint_kwargs={"use_reentrant": use_reentrant})
     on = train(tmp_path, minis_on=True, **kwargs)
-    assert on[0].model.is_gradient_checkpointing
+    assert all(layer.gradient_checkpointing for layer in on[0].model.model.layers)
     off = train(tmp_path, minis_on=False, **kwargs)
     assert_same_training(on, off)
 

@@ -22,14 +22,13 @@ import warnings
 
 import pytest
 import torch
-from framework_helpers import (  # noqa: F401  (single_thread is a fixture)
+from framework_helpers import (
     REPO_ROOT,
     chunking_spy,
     comparison_args,
     corpus_paragraphs,
     max_relative_difference,
     model,
-    single_thread,
     tokenizer,
 )
 
@@ -219,6 +218,34 @@ def test_sft_example_script(sft_checkpoint, tmp_path):
     assert result.returncode == 0, log[-5000:]
     assert "minis active: True" in log
     assert os.path.isfile(tmp_path / "out" / "adapter_model.safetensors")
+
+
+def test_sft_script_passes_checkpointing_flags_under_the_installed_names(monkeypatch):
+    """The run_peft scripts pass transformers 5.23's `--activation_checkpointing*` flags; train.py renames them
+    `--gradient_checkpointing*` for an older transformers, whose arguments have only those."""
+    import dataclasses
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sft_train", os.path.join(SFT_DIR, "train.py"))
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # its dataclasses look their module up there
+    spec.loader.exec_module(script)
+    flags = ["--activation_checkpointing", "True", "--activation_checkpointing_kwargs", '{"use_reentrant": false}',
+             "--max_steps", "2"]
+    names = {field.name for field in dataclasses.fields(script.SFTConfig)}
+    if "activation_checkpointing" in names:
+        assert script.with_installed_checkpointing_flags(flags) == flags
+
+    @dataclasses.dataclass
+    class ConfigBefore523:
+        gradient_checkpointing: bool = False
+        gradient_checkpointing_kwargs: dict | None = None
+
+    monkeypatch.setattr(script, "SFTConfig", ConfigBefore523)
+    assert script.with_installed_checkpointing_flags(flags) == [
+        "--gradient_checkpointing", "True", "--gradient_checkpointing_kwargs", '{"use_reentrant": false}',
+        "--max_steps", "2",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["multi_gpu", "fsdp2", "deepspeed_zero3"])

@@ -500,6 +500,14 @@ def scale_rope(config, model_max_length: int) -> None:
         }
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Checkpoints every layer, as LongLoRA does. transformers 5.23 renamed `gradient_checkpointing_enable` to
+    `activation_checkpointing_enable` (the old name stays as a deprecated alias until v6); earlier 5.x releases
+    have only the old name. (LongLoRA's `--gradient_checkpointing` flag stays accepted: TrainingArguments keeps it.)"""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def train() -> None:
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
@@ -578,9 +586,9 @@ def train() -> None:
                 param.requires_grad_()
         model.print_trainable_parameters()
 
-    model.config.use_cache = False  # required for gradient checkpointing
-    model.enable_input_require_grads()  # required for gradient checkpointing
-    model.gradient_checkpointing_enable()  # enable gradient checkpointing
+    model.config.use_cache = False  # required for activation checkpointing
+    model.enable_input_require_grads()  # required for activation checkpointing
+    enable_activation_checkpointing(model)
 
     trainer = Trainer(
         model=model,

@@ -20,7 +20,7 @@ accelerate launch --config_file "$CONFIG_FILE" --num_processes "$NUM_PROCESSES" 
   --use_peft_lora True --lora_r 16 --lora_alpha 32 --lora_dropout 0.05 \
   --max_length "$MAX_LENGTH" --packing True \
   --per_device_train_batch_size 1 --gradient_accumulation_steps 1 \
-  --gradient_checkpointing True --gradient_checkpointing_kwargs '{"use_reentrant": false}' \
+  --activation_checkpointing True --activation_checkpointing_kwargs '{"use_reentrant": false}' \
   --learning_rate 1e-4 --lr_scheduler_type cosine --warmup_steps 10 \
   --num_train_epochs 1 --logging_steps 5 --save_strategy epoch \
   --bf16 True --use_flash_attn True --report_to none \

@@ -13,12 +13,15 @@ loss), or "messages" (conversational; needs a tokenizer with a chat template); o
 at blank lines; or a directory of such files. `--dataset_name` loads a hub dataset instead, where a hub is
 reachable.
 
-Every SFTConfig / TrainingArguments flag works as usual (`--per_device_train_batch_size`, `--gradient_checkpointing`,
-`--learning_rate`, `--num_train_epochs`, `--max_steps`, `--eval_strategy`, `--use_cpu`, ...).
+Every SFTConfig / TrainingArguments flag works as usual (`--per_device_train_batch_size`, `--activation_checkpointing`,
+`--learning_rate`, `--num_train_epochs`, `--max_steps`, `--eval_strategy`, `--use_cpu`, ...). On transformers older
+than 5.23, which names checkpointing `--gradient_checkpointing*`, the `--activation_checkpointing*` flags are passed
+on under those names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
@@ -90,8 +93,18 @@ def attention_implementation(use_flash_attn: bool) -> str | None:
     return None
 
 
+def with_installed_checkpointing_flags(argv: list[str]) -> list[str]:
+    """`argv` with `--activation_checkpointing*` renamed `--gradient_checkpointing*` where this transformers (older
+    than 5.23) has only the old names; unchanged otherwise."""
+    if "activation_checkpointing" in {field.name for field in dataclasses.fields(SFTConfig)}:
+        return argv
+    old, new = "--activation_checkpointing", "--gradient_checkpointing"
+    return [new + arg[len(old):] if arg.startswith(old) else arg for arg in argv]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, SFTConfig))
+    argv = with_installed_checkpointing_flags(sys.argv[1:] if argv is None else list(argv))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     set_seed(training_args.seed)

@@ -38,10 +38,9 @@ def enable() -> bool:
     import transformers  # noqa: F401  (the version check needs it imported)
 
     from ._hook import install, transformers_version_problem
+    from ._switch import minis_switched_on
     from .families import FAMILIES
     from .integration import patch_modeling_module
-
-    from ._switch import minis_switched_on
 
     if not minis_switched_on():
         warnings.warn("minis: MINIS=0 is set, so minis.enable() leaves models as upstream defines them", RuntimeWarning)

@@ -17,6 +17,10 @@ arguments and `enable_input_require_grads` stay upstream's), then each checkpoin
 model. Upstream's offload (`save_on_cpu(pin_memory=True)` on the compute stream) fails on a machine without an
 accelerator; minis' runs there too (plain copies). With `use_mini_sequence=False` at that moment the call is
 upstream's exactly. `activation_checkpointing_disable()` restores upstream's plain checkpoint function.
+
+Code that must run on every supported transformers 5.x (the demo, the benchmarks, the tests) turns checkpointing on
+with `enable_activation_checkpointing` / `activation_checkpointing_arguments`, which use the 5.23 names where the
+installed version has them and the `gradient_checkpointing*` ones before.
 """
 
 from __future__ import annotations
@@ -27,10 +31,15 @@ from collections.abc import Callable
 from typing import Any
 
 from . import config as minis_config
+from ._marker import UPSTREAM_MARKER as _UPSTREAM
 from ._warn import warn_once
 
 __all__ = [
     "OffloadingCheckpoint",
+    "activation_checkpointing_arguments",
+    "disable_activation_checkpointing",
+    "enable_activation_checkpointing",
+    "has_activation_checkpointing_names",
     "install",
     "offloader_of",
     "patch_pretrained_class",
@@ -38,7 +47,55 @@ __all__ = [
     "warn_if_offload_without_checkpointing",
 ]
 
-_UPSTREAM = "_minis_upstream"  # same marker as `integration`: the replacement keeps upstream's method here
+
+def has_activation_checkpointing_names() -> bool:
+    """Whether the installed transformers has the `activation_checkpointing*` names (5.23 and later).
+
+    5.23 renamed `gradient_checkpointing_enable`/`_disable` and Trainer's `gradient_checkpointing` and
+    `gradient_checkpointing_kwargs` to `activation_checkpointing*`, keeping the old names as deprecated aliases
+    until v6; earlier 5.x releases have only the old names. The three helpers below use whichever this one says.
+    """
+    from transformers import PreTrainedModel
+
+    return hasattr(PreTrainedModel, "activation_checkpointing_enable")
+
+
+def enable_activation_checkpointing(model, checkpoint_kwargs: dict[str, Any] | None = None, **options: Any) -> None:
+    """`model.activation_checkpointing_enable(checkpoint_kwargs, **options)`, under the installed version's name.
+
+    Args:
+        model: a transformers model, or a wrapper (PEFT) that passes the method on.
+        checkpoint_kwargs: keyword arguments of the checkpoint function (e.g. `{"use_reentrant": False}`).
+        options: the method's other keyword arguments (`every_n_layers`, `offload`), where this transformers has them.
+    """
+    if has_activation_checkpointing_names():
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **options)
+
+
+def disable_activation_checkpointing(model) -> None:
+    """`model.activation_checkpointing_disable()`, under the installed version's name."""
+    if has_activation_checkpointing_names():
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def activation_checkpointing_arguments(
+    enabled: bool = True, checkpoint_kwargs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`TrainingArguments` fields that turn activation checkpointing on (or off), under the installed names.
+
+    Example:
+        >>> fields = activation_checkpointing_arguments(checkpoint_kwargs={"offload": True})
+        >>> TrainingArguments(output_dir="out", **fields)
+    """
+    prefix = "activation" if has_activation_checkpointing_names() else "gradient"
+    fields: dict[str, Any] = {f"{prefix}_checkpointing": enabled}
+    if checkpoint_kwargs is not None:
+        fields[f"{prefix}_checkpointing_kwargs"] = checkpoint_kwargs
+    return fields
 
 
 class OffloadingCheckpoint:

@@ -19,14 +19,12 @@ from typing import Any
 
 from . import checkpoint_offload
 from . import config as minis_config
+from ._marker import UPSTREAM_MARKER as _UPSTREAM
 from ._warn import warn_once
 from .families import FAMILIES, Family, family_of_module
 from .peft_compat import sequence_dependent_adapter
 
 __all__ = ["FAMILIES", "Family", "patch_configuration_module", "patch_modeling_module", "unpatch_family"]
-
-
-_UPSTREAM = "_minis_upstream"  # attribute of a replacement method that holds the upstream one
 
 
 def is_patched_method(method: Any) -> bool:
