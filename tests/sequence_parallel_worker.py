@@ -316,11 +316,12 @@ def main() -> None:
     minis.enable()
     if minis_mode == "broken":
         break_loss_weighting()
-    from framework_helpers import chunking_spy
+    from framework_helpers import agreement_spy, chunking_spy
 
-    with chunking_spy() as chunked_calls:
+    with chunking_spy() as chunked_calls, agreement_spy() as agreements:
         result = SCENARIOS[scenario](rank, world_size, zero_stage, minis_mode != "off")
     result["chunked_calls"] = dict(chunked_calls)
+    result["agreements"] = len(agreements)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     import torch.distributed as dist
 
