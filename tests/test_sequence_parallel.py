@@ -146,3 +146,69 @@ def test_shard_without_counted_tokens_has_zero_gradients(family):
     for name, grad in grads[True].items():
         assert grad.isfinite().all() and not grad.any(), name
     assert grads[True].keys() == grads[False].keys()
+
+
+# The per-GPU arithmetic the planner uses for --sp-size / --cp-size (minis.sequence_parallel).
+
+LLAMA_3_8B_ATTENTION = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128}
+
+
+def test_local_sequence_length_splits_evenly_and_names_bad_values():
+    from minis.sequence_parallel import local_sequence_length
+
+    assert local_sequence_length(4096) == 4096
+    assert local_sequence_length(4096, sp_size=8) == 512
+    assert local_sequence_length(4096, cp_size=4) == 1024
+    with pytest.raises(ValueError, match="sp_size=3"):
+        local_sequence_length(4096, sp_size=3)
+    with pytest.raises(ValueError, match="2 \\* cp_size=8"):
+        local_sequence_length(4100, cp_size=4)  # divisible by 4, not by 8
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        local_sequence_length(4096, sp_size=2, cp_size=2)
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="sp_size must be a positive integer"):
+            local_sequence_length(4096, sp_size=bad)
+
+
+def test_ulysses_exchange_counts_send_and_receive_copies_of_q_k_v():
+    from minis.sequence_parallel import sequence_shard_memory, ulysses_exchange_bytes
+
+    seq, sp = 1 << 20, 8
+    local_bytes_per_head = (seq // sp) * 128 * 2  # bf16, batch 1
+    q, kv = 32 * local_bytes_per_head, 2 * 8 * local_bytes_per_head
+    assert ulysses_exchange_bytes(seq, sp_size=sp, **LLAMA_3_8B_ATTENTION) == 2 * (q + kv)
+    assert ulysses_exchange_bytes(seq, sp_size=1, **LLAMA_3_8B_ATTENTION) == 0
+    # With more ranks than kv heads, DeepSpeed repeats the kv heads up to one per rank: 4 kv heads send as 8.
+    as_eight = ulysses_exchange_bytes(seq, sp_size=sp, num_heads=32, num_kv_heads=8, head_dim=128)
+    assert ulysses_exchange_bytes(seq, sp_size=sp, num_heads=32, num_kv_heads=4, head_dim=128) == as_eight
+    # Linear in the sequence and the batch.
+    assert ulysses_exchange_bytes(2 * seq, sp_size=sp, **LLAMA_3_8B_ATTENTION) == 2 * as_eight
+    assert ulysses_exchange_bytes(seq, sp_size=sp, batch_size=3, **LLAMA_3_8B_ATTENTION) == 3 * as_eight
+    with pytest.raises(ValueError, match="num_heads=12 is not divisible by sp_size=8"):
+        ulysses_exchange_bytes(seq, sp_size=sp, num_heads=12, num_kv_heads=4, head_dim=128)
+    with pytest.raises(ValueError, match="num_kv_heads=3 and sp_size=8"):
+        ulysses_exchange_bytes(seq, sp_size=sp, num_heads=32, num_kv_heads=3, head_dim=128)
+    shard = sequence_shard_memory(seq, sp_size=sp, **LLAMA_3_8B_ATTENTION)
+    assert (shard.local_tokens, shard.attention_exchange_bytes, shard.scheme) == (seq // sp, as_eight, "ulysses")
+    assert shard.attention_exchange_bytes == 3 * 2**30  # the docstring's example
+
+
+def test_ring_attention_exchange_by_rotate_method():
+    from minis.sequence_parallel import ring_attention_exchange_bytes, sequence_shard_memory
+
+    seq = 1 << 20
+    merge = lambda cp: (seq // cp) * 32 * 129 * 4  # noqa: E731 (fp32 output and log-sum-exp)
+    whole_kv = 2 * seq * 8 * 128 * 2
+    for cp in (2, 4, 8):
+        gathered = ring_attention_exchange_bytes(seq, cp_size=cp, **LLAMA_3_8B_ATTENTION)
+        rotated = ring_attention_exchange_bytes(seq, cp_size=cp, rotate_method="alltoall", **LLAMA_3_8B_ATTENTION)
+        # allgather: the whole sequence's k and v (and their gradients); alltoall: two shards' worth.
+        assert gathered == 2 * whole_kv + merge(cp)
+        assert rotated == 2 * 2 * whole_kv // cp + merge(cp)
+        assert rotated <= gathered
+    assert ring_attention_exchange_bytes(seq, cp_size=1, **LLAMA_3_8B_ATTENTION) == 0
+    with pytest.raises(ValueError, match="rotate_method='ring' is not one of allgather, alltoall"):
+        ring_attention_exchange_bytes(seq, cp_size=2, rotate_method="ring", **LLAMA_3_8B_ATTENTION)
+    shard = sequence_shard_memory(seq, cp_size=4, **LLAMA_3_8B_ATTENTION)
+    assert (shard.local_tokens, shard.scheme) == (seq // 4, "context-parallel")
+    assert sequence_shard_memory(seq, **LLAMA_3_8B_ATTENTION).attention_exchange_bytes == 0
