@@ -1,11 +1,12 @@
 """One rank of a sequence-parallel test (`tests/test_sequence_parallel.py` starts two of them over gloo on the CPU).
 
-    python tests/sequence_parallel_worker.py SCENARIO OUT_DIR MINIS(on|off|broken) [ZERO_STAGE]
+    python tests/sequence_parallel_worker.py SCENARIO OUT_DIR MINIS(on|off|broken) [ZERO_STAGE [SLIDING_WINDOW]]
 
 Both scenarios train a tiny Llama for `STEPS` steps on the batches of `sp_batches()`, the sequence split over the
 two ranks, and save each step's loss and the final weights to OUT_DIR/rank{RANK}.pt; the test compares them with
 `reference_run`, one process on the whole sequences. MINIS chooses minis on, off, or on with a deliberately wrong
-loss weighting (`break_loss_weighting`, which shows the test can fail).
+loss weighting (`break_loss_weighting`, which shows the test can fail). SLIDING_WINDOW (tokens, 0 for none) makes
+the model a Mistral with that `sliding_window`, to show what Ulysses with SDPA does to it.
 
 Scenarios:
     ulysses   DeepSpeed ALST/Ulysses as HF Trainer with `ParallelismConfig(sp_backend="deepspeed", sp_size=2)` runs
@@ -58,11 +59,13 @@ def sp_batches(vocab_size: int) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def make_model(use_mini_sequence: bool):
+def make_model(use_mini_sequence: bool, sliding_window: int = 0):
+    """The tiny Llama, or with `sliding_window` a tiny Mistral with that window (Mistral is Llama plus the window)."""
     from minis.testing import tiny_model
 
+    family = {"model_type": "mistral", "sliding_window": sliding_window} if sliding_window else {"model_type": "llama"}
     return tiny_model(
-        "llama",
+        **family,
         seed=0,
         attn_implementation="sdpa",
         use_mini_sequence=use_mini_sequence,
@@ -71,9 +74,9 @@ def make_model(use_mini_sequence: bool):
     )
 
 
-def reference_run() -> dict:
+def reference_run(sliding_window: int = 0) -> dict:
     """One process, minis off, whole sequences: one SGD step per batch on its token-weighted mean loss."""
-    model = make_model(use_mini_sequence=False)
+    model = make_model(use_mini_sequence=False, sliding_window=sliding_window)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
@@ -106,7 +109,7 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
-def run_ulysses(rank: int, world_size: int, zero_stage: int, use_mini_sequence: bool) -> dict:
+def run_ulysses(rank: int, world_size: int, zero_stage: int, use_mini_sequence: bool, sliding_window: int) -> dict:
     import deepspeed
     from accelerate.parallelism_config import ParallelismConfig
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF, UlyssesSPDataLoaderAdapter
@@ -114,7 +117,7 @@ def run_ulysses(rank: int, world_size: int, zero_stage: int, use_mini_sequence: 
 
     import minis
 
-    model = make_model(use_mini_sequence)
+    model = make_model(use_mini_sequence, sliding_window)
     assert minis.is_active(model) == use_mini_sequence
     # What accelerate's `_prepare_deepspeed` does for `sp_size > 1` (accelerate 1.12+).
     mpu = UlyssesSPAttentionHF.register_with_transformers(
@@ -247,7 +250,7 @@ class _TrainerUnderCP:
         return loss
 
 
-def run_cp(rank: int, world_size: int, zero_stage: int, use_mini_sequence: bool) -> dict:
+def run_cp(rank: int, world_size: int, zero_stage: int, use_mini_sequence: bool, sliding_window: int) -> dict:
     import torch.distributed as dist
     import torch.nn.functional as F
     from accelerate.big_modeling import _attach_context_parallel_hooks
@@ -265,9 +268,9 @@ def run_cp(rank: int, world_size: int, zero_stage: int, use_mini_sequence: bool)
     ALL_ATTENTION_FUNCTIONS["sdpa"] = gathered_causal_attention(
         mesh.get_group(), restore_indices, F.scaled_dot_product_attention
     )
-    model = make_model(use_mini_sequence)
+    model = make_model(use_mini_sequence, sliding_window)
     assert minis.is_active(model) == use_mini_sequence
-    _attach_context_parallel_hooks(model)  # what accelerate's `_prepare_cp` does to the model
+    _attach_context_parallel_hooks(model)  # what accelerate's `_prepare_cp` does (it refuses sliding windows)
     # FSDP2 over the CP ranks, as accelerate shards over its `dp_shard_cp` mesh (here the CP mesh alone).
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
@@ -296,6 +299,7 @@ SCENARIOS = {"ulysses": run_ulysses, "cp": run_cp}
 def main() -> None:
     scenario, out_dir, minis_mode = sys.argv[1], sys.argv[2], sys.argv[3]
     zero_stage = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    sliding_window = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=int(os.environ.get("MINIS_TEST_PG_TIMEOUT", "60")))
@@ -319,7 +323,7 @@ def main() -> None:
     from framework_helpers import agreement_spy, chunking_spy
 
     with chunking_spy() as chunked_calls, agreement_spy() as agreements:
-        result = SCENARIOS[scenario](rank, world_size, zero_stage, minis_mode != "off")
+        result = SCENARIOS[scenario](rank, world_size, zero_stage, minis_mode != "off", sliding_window)
     result["chunked_calls"] = dict(chunked_calls)
     result["agreements"] = len(agreements)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -13,6 +13,7 @@ shard, changes the numbers. What they prove:
 - Context parallelism (torch's buffer sharding, FSDP2, Trainer's `num_items_in_batch` and loss scaling): loss and
   weights equal the reference's. Attention is gathered instead of ring attention (no CPU kernel), see the worker.
 - A deliberately wrong loss weighting in minis fails the comparison.
+- Ulysses with SDPA ignores a sliding window (upstream's limit, stated in the docs).
 """
 
 from __future__ import annotations
@@ -37,17 +38,19 @@ def worker_module():
     return sequence_parallel_worker
 
 
-def launch(scenario: str, out_dir, minis_mode: str = "on", zero_stage: int = 0, timeout: int = 150) -> list[dict]:
-    command = [sys.executable, WORKER, scenario, str(out_dir), minis_mode, str(zero_stage)]
+def launch(
+    scenario: str, out_dir, minis_mode: str = "on", zero_stage: int = 0, sliding_window: int = 0, timeout: int = 150
+) -> list[dict]:
+    command = [sys.executable, WORKER, scenario, str(out_dir), minis_mode, str(zero_stage), str(sliding_window)]
     return launch_ranks(command, out_dir, world_size=SP_SIZE, timeout=timeout)
 
 
-def reference(worker_module, gradient_scale: float = 1.0) -> dict:
+def reference(worker_module, gradient_scale: float = 1.0, sliding_window: int = 0) -> dict:
     """The one-process run; `gradient_scale` multiplies its gradients (through the SGD learning rate)."""
     learning_rate = worker_module.LR
     worker_module.LR = learning_rate * gradient_scale
     try:
-        return worker_module.reference_run()
+        return worker_module.reference_run(sliding_window)
     finally:
         worker_module.LR = learning_rate
 
@@ -124,6 +127,23 @@ def test_wrong_loss_weighting_fails_the_comparison(tmp_path, worker_module):
     expected = reference(worker_module)
     assert max_relative_difference(ranks[0]["state"], expected["state"]) > 100 * WEIGHT_RTOL
     assert abs(ranks[0]["losses"][0] - expected["losses"][0]) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ulysses_with_sdpa_ignores_a_sliding_window(tmp_path, worker_module):
+    """An upstream limit the docs state (sliding-window table): DeepSpeed's Ulysses wrapper drops the attention mask,
+    so with SDPA a Mistral whose window (8 tokens) is shorter than the sequence trains with full causal attention:
+    it matches the same model with a window longer than the sequence, not its own one-process run."""
+    _require_deepspeed()
+    window = 8
+    assert window < worker_module.SEQ_LEN
+    ranks = launch("ulysses", tmp_path, sliding_window=window)
+    full_causal = reference(worker_module, gradient_scale=SP_SIZE, sliding_window=2 * worker_module.SEQ_LEN)
+    windowed = reference(worker_module, gradient_scale=SP_SIZE, sliding_window=window)
+    for result in ranks:
+        assert_matches(result, full_causal)
+        assert abs(result["losses"][0] - windowed["losses"][0]) > 1e-4
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
