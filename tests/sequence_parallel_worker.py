@@ -19,6 +19,8 @@ Scenarios:
               ring attention has no CPU kernel, so attention is the one part replaced: it gathers q/k/v over the
               CP group with a differentiable all-gather and runs causal SDPA on the whole sequence (see
               `gathered_causal_attention`).
+    ulysses_memory  the live bytes one attention layer's forward and backward add under DeepSpeed's Ulysses
+              attention, against the same layer on the shard alone, for a few head shapes.
 """
 
 from __future__ import annotations
@@ -293,7 +295,61 @@ def run_cp(rank: int, world_size: int, zero_stage: int, use_mini_sequence: bool,
     return {"losses": losses, "state": state, "shards": shards}
 
 
-SCENARIOS = {"ulysses": run_ulysses, "cp": run_cp}
+# (heads, kv heads) of the attention shapes whose Ulysses exchange memory is measured; 8 heads over 1 kv head makes
+# DeepSpeed repeat the kv head for the second rank.
+MEMORY_SHAPES = ((4, 2), (4, 4), (8, 1))
+MEMORY_SEQ_LEN, MEMORY_HEAD_DIM = 256, 16
+
+
+def run_ulysses_memory(rank: int, world_size: int, zero_stage: int, use_mini_sequence: bool, sliding_window: int):
+    """Bytes that one attention layer's forward and backward hold at their peak, with DeepSpeed's Ulysses attention
+    on this rank's shard, minus the same layer run on the shard alone (the single-GPU step at the shard's length),
+    per shape of `MEMORY_SHAPES` (fp32): what `minis.sequence_parallel.ulysses_exchange_bytes` models."""
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as sp_state
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from minis.memory import LiveStorageTracker
+    from minis.testing import tiny_model
+
+    sp_state.initialize_sequence_parallel(sequence_parallel_size=world_size)
+    group = sp_state.get_sequence_parallel_group()
+    local = MEMORY_SEQ_LEN // world_size
+    core = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    rows = []
+    for heads, kv_heads in MEMORY_SHAPES:
+        hidden_size = heads * MEMORY_HEAD_DIM
+        model = tiny_model("llama", attn_implementation="sdpa", num_attention_heads=heads, num_key_value_heads=kv_heads,
+                           head_dim=MEMORY_HEAD_DIM, hidden_size=hidden_size, num_hidden_layers=1)  # fmt: skip
+        ulysses = UlyssesSPAttentionHF(attn=core, batch_size=1, attn_head_count=heads, attn_head_size=MEMORY_HEAD_DIM,
+                                       kv_head_count=kv_heads, num_hidden_layers=1, process_group=group,
+                                       seq_length_is_variable=True)  # fmt: skip
+        attention = model.model.layers[0].self_attn
+
+        def peak(positions: torch.Tensor) -> int:
+            hidden = torch.randn(1, local, hidden_size, requires_grad=True)
+            position_embeddings = model.model.rotary_emb(hidden, positions)
+            tracker = LiveStorageTracker()
+            with tracker:
+                out, _ = attention(hidden, position_embeddings=position_embeddings, attention_mask=None,
+                                   position_ids=positions)  # fmt: skip
+                out.sum().backward()
+            return tracker.peak_bytes
+
+        # As DeepSpeed's registered wrapper: the mask is dropped, the kernel is causal over the gathered sequence.
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = lambda module, q, k, v, mask, *args, **kwargs: ulysses(
+            module, q, k, v, None, *args, **kwargs
+        )
+        try:
+            sharded = peak(torch.arange(rank * local, (rank + 1) * local).unsqueeze(0))
+        finally:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = core
+        alone = peak(torch.arange(local).unsqueeze(0))
+        rows.append({"heads": heads, "kv_heads": kv_heads, "extra_bytes": sharded - alone})
+    return {"memory": rows}
+
+
+SCENARIOS = {"ulysses": run_ulysses, "cp": run_cp, "ulysses_memory": run_ulysses_memory}
 
 
 def main() -> None:
@@ -303,7 +359,7 @@ def main() -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=int(os.environ.get("MINIS_TEST_PG_TIMEOUT", "60")))
-    if scenario == "ulysses":
+    if scenario.startswith("ulysses"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 

@@ -213,6 +213,28 @@ def test_ulysses_exchange_counts_send_and_receive_copies_of_q_k_v():
     assert shard.attention_exchange_bytes == 3 * 2**30  # the docstring's example
 
 
+@pytest.mark.multiprocess
+def test_ulysses_exchange_bytes_bound_the_measured_exchange(tmp_path, worker_module):
+    """On two gloo ranks, the live bytes DeepSpeed's Ulysses attention adds to one layer's forward and backward (over
+    the same layer on the shard alone) are positive and at most `ulysses_exchange_bytes`: the planner's figure is an
+    upper bound of the code's copies, kv-head repetition included, and a close one for at least one shape."""
+    _require_deepspeed()
+    from minis.sequence_parallel import ulysses_exchange_bytes
+
+    ranks = launch("ulysses_memory", tmp_path, timeout=120)
+    for result in ranks:
+        ratios = []
+        assert len(result["memory"]) == len(worker_module.MEMORY_SHAPES)
+        for row in result["memory"]:
+            bound = ulysses_exchange_bytes(
+                worker_module.MEMORY_SEQ_LEN, sp_size=SP_SIZE, num_heads=row["heads"], num_kv_heads=row["kv_heads"],
+                head_dim=worker_module.MEMORY_HEAD_DIM, dtype_bytes=4,
+            )  # fmt: skip
+            assert 0 < row["extra_bytes"] <= bound, (row, bound)
+            ratios.append(row["extra_bytes"] / bound)
+        assert max(ratios) > 0.5, f"the bound is loose for every shape: {ratios}"
+
+
 def test_ring_attention_exchange_by_rotate_method():
     from minis.sequence_parallel import ring_attention_exchange_bytes, sequence_shard_memory
 

@@ -13,10 +13,11 @@ What the planner needs from it, and why it is enough:
   shard's queries and brings the other ranks' keys and values to them (`ring_attention_exchange_bytes`).
 
 Both exchange figures are transient: they live during one layer's attention (forward, or its recompute and
-backward) and are freed before the next layer, so the planner adds the larger of forward and backward once to
-the step's peak, not once per layer. They count tensors, not allocator rounding. They are models of the code
-of DeepSpeed 0.19 (`ulysses_sp.UlyssesSPAttentionHF`) and torch 2.13 (`_context_parallel/_attention.py`),
-not yet checked against a GPU's allocator (see docs/frameworks/sequence-parallel.md).
+backward) and are freed before the next layer, so the planner adds them once to the step's peak, not once per
+layer. They count tensors, not allocator rounding, and follow the code of DeepSpeed 0.19
+(`ulysses_sp.UlyssesSPAttentionHF`) and torch 2.13 (`_context_parallel/_attention.py`). The Ulysses figure is an
+upper bound checked against live tensors on two CPU ranks; the ring-attention one cannot run on a CPU (torch has
+no CPU kernel for it) and is not yet checked. Neither is checked against a GPU's allocator.
 """
 
 from __future__ import annotations
@@ -79,15 +80,16 @@ def ulysses_exchange_bytes(
     batch_size: int = 1,
     dtype_bytes: int = 2,
 ) -> int:
-    """Peak bytes of one attention call's all-to-all buffers under Ulysses, beyond the single-GPU step at the shard's
-    length.
+    """An upper bound of the bytes one attention layer's all-to-all buffers add under Ulysses, forward or backward,
+    beyond the single-GPU step at the shard's length.
 
-    Forward: each of q, k, v is rearranged to a contiguous send buffer (shard x all heads) and received into a
-    buffer of the same size (whole sequence x `heads / sp_size`), then made contiguous in the kernel's layout: two
-    copies of q, k and v besides the projections' outputs, which the single-GPU step has as well. When `sp_size`
-    exceeds the kv heads, DeepSpeed repeats each kv head `sp_size / num_kv_heads` times before sending. After the
-    kernel the context takes the same route back: two copies of the attention output. The backward's all-to-alls
-    move gradients of the same sizes, so the forward figure bounds it. 0 when `sp_size` is 1.
+    Each of q, k, v is rearranged into a contiguous send buffer (shard x all heads) and received into a buffer of
+    the same size (whole sequence x `heads / sp_size`), then laid out for the kernel; the bound counts a send and a
+    receive copy of all three alive at once. When `sp_size` exceeds the kv heads, DeepSpeed repeats each kv head
+    `sp_size / num_kv_heads` times before sending. The context goes back the same way (two copies of the output),
+    and the backward's all-to-alls move gradients of the same sizes. Measured with DeepSpeed 0.19 on two CPU ranks
+    (`tests/test_sequence_parallel.py`), the real extra is at most this: from a quarter of it (no kv repetition, fewer
+    copies alive at once) to nine tenths (kv heads repeated) in the shapes tested. 0 when `sp_size` is 1.
     """
     for name, value in (
         ("seq_len", seq_len),
