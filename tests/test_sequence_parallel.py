@@ -213,6 +213,7 @@ def test_ulysses_exchange_counts_send_and_receive_copies_of_q_k_v():
     assert shard.attention_exchange_bytes == 3 * 2**30  # the docstring's example
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_ulysses_exchange_bytes_bound_the_measured_exchange(tmp_path, worker_module):
     """On two gloo ranks, the live bytes DeepSpeed's Ulysses attention adds to one layer's forward and backward (over
