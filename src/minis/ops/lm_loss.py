@@ -92,4 +92,10 @@ def chunked_causal_lm_loss(
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss_sum.device)
         return loss_sum / num_items_in_batch
-    return loss_sum / (targets != ignore_index).sum()
+    counted = (targets != ignore_index).sum()
+    # Upstream's mean over no counted token is NaN in the forward, with zero gradients (cross-entropy leaves ignored
+    # tokens out of its backward). Sequence parallelism meets this on every rank whose shard is all prompt or
+    # padding, and masks that rank's NaN out of the combined loss; a plain 0 / 0 here would send NaN gradients
+    # back through the mask. Dividing by at least 1 keeps them zero; `where` puts upstream's NaN in the forward.
+    mean = loss_sum / counted.clamp(min=1)
+    return torch.where(counted > 0, mean, torch.full_like(mean, float("nan")))
