@@ -146,6 +146,8 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     worst = 0.0
     for key in a:
         x, y = a[key].detach().float(), b[key].detach().float()
+        # max(0.0, nan) is 0.0 in Python: a non-finite tensor would otherwise pass every comparison.
+        assert torch.isfinite(x).all() and torch.isfinite(y).all(), f"{key} holds NaN or inf"
         scale = y.abs().max().item() or 1.0
         worst = max(worst, (x - y).abs().max().item() / scale)
     return worst
