@@ -353,7 +353,7 @@ def _mini_sequence_experts_forward(upstream_forward):
         config = self.config
         if args or kwargs or not minis_config.use_mini_sequence(config) or hidden_states.dim() != 2:
             return upstream_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        agree_across_ranks = _chunked_call_allowed(self, self)
+        agree_across_ranks = None if _parametrized_from_outside(self) else _chunked_call_allowed(self, self)
         if agree_across_ranks is None:
             return upstream_forward(self, hidden_states, top_k_index, top_k_weights)
         chunking = _experts_chunking(self, hidden_states, top_k_index, agree_across_ranks)
@@ -379,6 +379,28 @@ def _mini_sequence_experts_forward(upstream_forward):
 
     setattr(forward, _UPSTREAM, upstream_forward)
     return forward
+
+
+def _parametrized_from_outside(experts) -> bool:
+    """Whether `experts` has parametrized weights (warns once when it does); they then run unchunked.
+
+    PEFT's LoRA on the experts' weights (`target_parameters=["experts.gate_up_proj", ...]`) wraps the experts
+    module and computes the weight delta from its LoRA factors *before* calling it, handing it in through a
+    parametrization. The chunked call only returns gradients of tensors it sees as inputs (the packed hidden states
+    and routing weights, the module's own parameters), so the LoRA factors would get none: such experts run
+    upstream's forward instead.
+    """
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(experts):
+        return False
+    warn_once(
+        "parametrized-experts",
+        f"minis: {type(experts).__name__} has parametrized weights (e.g. PEFT LoRA on the experts' weights through "
+        "target_parameters), computed outside its forward; chunking could not return their gradients, so minis "
+        "runs these experts unchunked, as upstream does (no mini-sequence memory saving there).",
+    )
+    return True
 
 
 def _experts_chunking(experts, hidden_states, top_k_index, agree_across_ranks: bool) -> dict[str, int] | None:
