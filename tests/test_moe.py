@@ -21,6 +21,8 @@ IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
 
 
 def make_model(family, **overrides):
+    if family == "qwen3_moe":
+        overrides.setdefault("mlp_only_layers", [1])  # a dense second layer: Qwen3MoeMLP is chunked too
     overrides.setdefault("attn_implementation", "sdpa")
     overrides.setdefault("mini_sequence_chunk_size", CHUNK)
     overrides.setdefault("mini_sequence_loss_chunk_size", 11)

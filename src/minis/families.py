@@ -155,10 +155,10 @@ _ROWS = (
     # upstream's default `output_router_logits=False`. Top-2 of 8 experts leaves most experts idle in a small chunk.
     Family("qwen3_moe", "qwen3_moe", "Qwen3MoeConfig", "Qwen3MoePreTrainedModel", "Qwen3MoeMLP", "Qwen3MoeForCausalLM",
            experts_class="Qwen3MoeExperts",
-           # The second layer is dense (`mlp_only_layers`): both the chunked experts and the chunked MLP run.
+           # Every layer is MoE, as in Qwen3-30B-A3B; tests/test_moe.py also makes a layer dense (`mlp_only_layers`),
+           # which the row's `Qwen3MoeMLP` chunks.
            tiny_config=dict(head_dim=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=40,
-                            norm_topk_prob=True, mlp_only_layers=[1], router_aux_loss_coef=0.1,
-                            tie_word_embeddings=False)),
+                            norm_topk_prob=True, router_aux_loss_coef=0.1, tie_word_embeddings=False)),
     Family("mixtral", "mixtral", "MixtralConfig", "MixtralPreTrainedModel", None, "MixtralForCausalLM",
            experts_class="MixtralExperts",  # every layer is MoE: there is no dense MLP class
            tiny_config=dict(num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.1,
