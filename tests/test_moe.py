@@ -302,11 +302,17 @@ def test_lora_on_attention_and_router_stays_chunked(family, experts_calls):
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_lora_on_the_experts_weights_runs_them_unchunked(family, experts_calls, monkeypatch):
+@pytest.mark.parametrize(
+    "lora",
+    [dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"]), dict(target_modules="all-linear")],
+    ids=["target_parameters", "all-linear"],
+)
+def test_lora_on_the_experts_weights_runs_them_unchunked(family, lora, experts_calls, monkeypatch):
     """LoRA on the experts' 3-D weights computes the delta outside the experts' forward (a parametrization): the
-    chunked call could not return its gradient, so those experts run upstream's forward, with one warning."""
+    chunked call could not return its gradient, so those experts run upstream's forward, with one warning. PEFT's
+    "all-linear" adds the experts' weights to its targets by itself for these models."""
     monkeypatch.setattr(_warn, "_warned", set())
-    model, peft = peft_model(family, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"])
+    model, peft = peft_model(family, **lora)
     batch = random_batch()
     upstream, upstream_grads = peft_step(model, peft, False, batch)
     experts_calls.clear()
