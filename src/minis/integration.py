@@ -331,11 +331,13 @@ def _mini_sequence_experts_forward(upstream_forward):
     is exact: Mixtral's routing weights stay fp32 under a bf16 model, as upstream's); the expert indices are chunked
     alongside without a gradient. The backward therefore returns the routing weights' gradient for all tokens at
     once, and autograd takes it through the router a single time; the experts' weights get their gradient summed over
-    chunks, once. The packed copy (one `tokens x hidden` tensor) is what the chunked call keeps for its backward.
+    chunks, once. The packed copy (`tokens x (hidden + top_k)`, in the wider dtype) is what the chunked call keeps
+    for its backward.
 
     How often each part runs forward: without checkpointing the router once and the experts twice (the forward,
-    then the backward's per-chunk recompute); with activation checkpointing the router twice (forward, layer
-    recompute) and the experts twice as well (the layer recompute stops before the chunks, see `_SaveInput`).
+    then the backward's per-chunk recompute). With non-reentrant activation checkpointing the router twice (forward,
+    layer recompute) and the experts twice as well (the layer recompute stops before the chunks, see `_SaveInput`);
+    with reentrant checkpointing the experts three times (no-grad forward, recompute, backward).
 
     Every `experts_implementation` goes through: this wraps the class's `forward`, which transformers' dispatcher
     (`use_experts_implementation`) resolves per call, so "eager", "grouped_mm" (the default), "batched_mm" and any
