@@ -95,6 +95,15 @@ def test_the_moe_families_are_in_the_registry():
     assert FAMILIES["mixtral"].mlp_class is None and FAMILIES["mixtral"].chunked_classes == ("MixtralExperts",)
 
 
+def test_a_bad_moe_row_names_the_bad_value():
+    from minis.families import Family
+
+    with pytest.raises(ValueError, match="experts_class.*'not a name'"):
+        Family("x", "x", "XConfig", "XPreTrainedModel", None, "XForCausalLM", experts_class="not a name")
+    with pytest.raises(ValueError, match="x: a family needs an mlp_class, an experts_class or both"):
+        Family("x", "x", "XConfig", "XPreTrainedModel", None, "XForCausalLM")
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_loss_aux_loss_router_logits_and_gradients_match_upstream(family, experts_calls):
     """The router runs once per layer on all tokens; the experts run in chunks (the last one shorter) twice: in the
@@ -348,7 +357,8 @@ def test_the_experts_intermediate_shrinks_by_the_chunk_count():
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-@pytest.mark.parametrize("implementation,dtype", [("batched_mm", torch.float32), ("grouped_mm", torch.bfloat16)])
+@pytest.mark.parametrize("implementation,dtype", [("batched_mm", torch.float32), ("grouped_mm", torch.bfloat16)],
+                         ids=["batched_mm-fp32", "grouped_mm-bf16"])
 def test_the_chunked_experts_run_on_fake_tensors(family, implementation, dtype):
     """The planner simulates a step on FakeTensorMode: minis' MoE path adds no data-dependent op. (Upstream's
     "eager" experts call `nonzero` and cannot run there; "grouped_mm"'s fake kernel takes bf16 only.)"""
