@@ -387,3 +387,24 @@ def test_eager_experts_cannot_run_on_fake_tensors_with_or_without_minis(minis_on
         model = make_model("qwen3_moe", experts_implementation="eager", use_mini_sequence=minis_on)
         with pytest.raises(DynamicOutputShapeException, match="nonzero"):
             model(**random_batch())
+
+
+@pytest.mark.parametrize("use_reentrant", [None, False], ids=["no_checkpointing", "non_reentrant"])
+def test_mixtral_router_jitter_draws_upstreams_random_numbers(use_reentrant):
+    """Mixtral multiplies the block's input by uniform noise before routing, in training: the block is upstream's
+    and runs once on the whole sequence, so the same seed gives the same noise, routing and gradients."""
+    model = make_model("mixtral", router_jitter_noise=0.2)
+    if use_reentrant is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    batch = random_batch()
+    results = {}
+    for minis_on in (False, True):
+        torch.manual_seed(11)
+        results[minis_on] = training_step(model, minis_on, **batch)
+    (upstream, upstream_grads), (chunked, chunked_grads) = results[False], results[True]
+    assert_same_moe_outputs(chunked, upstream)
+    for name, grad in upstream_grads.items():
+        assert relative_error(chunked_grads[name], grad) < 1e-5, name
+    torch.manual_seed(12)
+    other_seed, _ = training_step(model, True, **batch)
+    assert relative_error(other_seed.aux_loss, upstream.aux_loss) > 1e-6, "the noise changes the routing"
