@@ -8,8 +8,12 @@ standard library.
 A row holds:
 - `model_type` and `module`: transformers' `model_type` and the package under `transformers.models` that holds its
   code (`gemma3_text` lives in `gemma3`);
-- class names: config, `PreTrainedModel` base, MLP (its `forward` is chunked) and causal LM (its `forward` computes
-  the training loss over chunks);
+- class names: config, `PreTrainedModel` base, MLP (its `forward` is chunked; None for a family without a dense MLP,
+  such as Mixtral) and causal LM (its `forward` computes the training loss over chunks);
+- `experts_class`, for mixture-of-experts families: the module holding the experts' weights, which the sparse MoE
+  block calls with the whole sequence's hidden states and routing (upstream's `<Family>Experts`). Its `forward` is
+  chunked over tokens; the router and the block stay upstream's, so the recorded `router_logits` and the auxiliary
+  load-balancing loss (upstream's `load_balancing_loss_func`, added by the causal LM) cover all tokens;
 - what differs in the LM head, as names of config attributes: `final_logit_softcapping` (Gemma-2/3:
   `cap * tanh(logits / cap)`) and `logits_scaling` (Granite: `logits / scaling`), both applied before the loss;
 - `supports_sdpa`: False where transformers refuses SDPA attention for the family (Gemma-2's score softcapping);
@@ -17,7 +21,9 @@ A row holds:
   does differently, and `scaled_fields`: fields the demo sets from its sizes (`"head_dim"` or `"half_seq"`).
 
 Adding a dense family whose MLP is token-wise and whose causal LM computes `lm_head(hidden)` (then optional
-scaling or softcapping) and `self.loss_function` is one row here; `tests/test_models.py` then checks it.
+scaling or softcapping) and `self.loss_function` is one row here; `tests/test_models.py` then checks it. A MoE
+family is one row too when its experts module has upstream's `forward(hidden_states, top_k_index, top_k_weights)`
+and its causal LM adds `router_aux_loss_coef * load_balancing_loss_func(...)` as Qwen3-MoE's and Mixtral's do.
 
 Example:
     >>> from minis.families import FAMILIES
@@ -45,19 +51,26 @@ class Family:
     module: str
     config_class: str
     pretrained_class: str
-    mlp_class: str
+    mlp_class: str | None
     causal_lm_class: str
     softcapping_attribute: str | None = None
     logits_scaling_attribute: str | None = None
     supports_sdpa: bool = True
     tiny_config: Mapping[str, Any] = field(default_factory=dict)
     scaled_fields: Mapping[str, str] = field(default_factory=dict)
+    experts_class: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("model_type", "module", "config_class", "pretrained_class", "mlp_class", "causal_lm_class"):
+        for name in ("model_type", "module", "config_class", "pretrained_class", "causal_lm_class"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.isidentifier():
                 raise ValueError(f"Family.{name} must be an identifier, got {value!r}")
+        for name in ("mlp_class", "experts_class"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.isidentifier()):
+                raise ValueError(f"Family.{name} must be an identifier or None, got {value!r}")
+        if self.mlp_class is None and self.experts_class is None:
+            raise ValueError(f"{self.model_type}: a family needs an mlp_class, an experts_class or both; got neither")
         for name, source in self.scaled_fields.items():
             if source not in _SCALED_FIELD_SOURCES:
                 raise ValueError(
@@ -67,6 +80,16 @@ class Family:
         # Rows are shared by every importer: keep their mappings read-only.
         object.__setattr__(self, "tiny_config", MappingProxyType(dict(self.tiny_config)))
         object.__setattr__(self, "scaled_fields", MappingProxyType(dict(self.scaled_fields)))
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the family routes tokens to experts (its row names an `experts_class`)."""
+        return self.experts_class is not None
+
+    @property
+    def chunked_classes(self) -> tuple[str, ...]:
+        """The modeling classes whose `forward` runs over token chunks: the dense MLP and/or the experts."""
+        return tuple(name for name in (self.mlp_class, self.experts_class) if name is not None)
 
     @property
     def configuration_module(self) -> str:
@@ -127,6 +150,19 @@ _ROWS = (
            tiny_config=dict(head_dim=8, query_pre_attn_scalar=8, final_logit_softcapping=30.0, sliding_window=16,
                             sliding_window_pattern=2, tie_word_embeddings=True),
            scaled_fields=_GEMMA_SCALED),
+    # Mixture-of-experts rows. The tiny configs weigh the auxiliary loss 100x more than the real models (0.001), so
+    # that with `output_router_logits=True` (tests/test_moe.py) a wrong auxiliary loss or gradient shows; they keep
+    # upstream's default `output_router_logits=False`. Top-2 of 8 experts leaves most experts idle in a small chunk.
+    Family("qwen3_moe", "qwen3_moe", "Qwen3MoeConfig", "Qwen3MoePreTrainedModel", "Qwen3MoeMLP", "Qwen3MoeForCausalLM",
+           experts_class="Qwen3MoeExperts",
+           # Every layer is MoE, as in Qwen3-30B-A3B; tests/test_moe.py also makes a layer dense (`mlp_only_layers`),
+           # which the row's `Qwen3MoeMLP` chunks.
+           tiny_config=dict(head_dim=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=40,
+                            norm_topk_prob=True, router_aux_loss_coef=0.1, tie_word_embeddings=False)),
+    Family("mixtral", "mixtral", "MixtralConfig", "MixtralPreTrainedModel", None, "MixtralForCausalLM",
+           experts_class="MixtralExperts",  # every layer is MoE: there is no dense MLP class
+           tiny_config=dict(num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.1,
+                            tie_word_embeddings=False)),
 )
 
 FAMILIES: Mapping[str, Family] = MappingProxyType({row.model_type: row for row in _ROWS})

@@ -7,6 +7,10 @@ upstream method and call it whenever minis does not apply, so `use_mini_sequence
 
 What the families differ in here is how their LM head transforms the logits before the loss (Gemma-2/3's final
 logit softcapping, Granite's logits scaling); the family's row names the config attribute of each.
+
+Mixture-of-experts families (a row with an `experts_class`: Qwen3-MoE, Mixtral) get one more replacement, the
+experts module's `forward`, and their causal LM adds upstream's auxiliary load-balancing loss; that glue is the
+"Mixture of experts" section below.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 import sys
 from typing import Any
 
@@ -203,14 +208,17 @@ def _uses_default_causal_lm_loss(model) -> bool:
         return False
 
 
-def _mini_sequence_causal_lm_forward(upstream_forward, family: Family):
+def _mini_sequence_causal_lm_forward(upstream_forward, family: Family, router_aux_loss=None):
+    """The causal LM's replacement `forward`. `router_aux_loss`, for MoE families, is a `_RouterAuxLoss`: it asks the
+    base model for router logits as upstream does and adds upstream's load-balancing loss to the chunked loss."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from .ops import UnreplayableRandomOpError, chunked_causal_lm_loss
 
     # `upstream_forward` is wrapped by `can_return_tuple`; binding arguments needs the signature beneath it.
     signature = inspect.signature(inspect.unwrap(upstream_forward))
-    output_fields = set(CausalLMOutputWithPast.__dataclass_fields__)
+    output_class = CausalLMOutputWithPast if router_aux_loss is None else router_aux_loss.output_class
+    output_fields = set(output_class.__dataclass_fields__)
 
     @functools.wraps(upstream_forward)
     def forward(self, *args, **kwargs):
@@ -261,6 +269,8 @@ def _mini_sequence_causal_lm_forward(upstream_forward, family: Family):
         for name, parameter in signature.parameters.items():
             if parameter.kind == inspect.Parameter.VAR_KEYWORD:
                 model_kwargs.update(arguments.get(name, {}))
+        if router_aux_loss is not None:
+            model_kwargs["output_router_logits"] = router_aux_loss.wanted(config, model_kwargs)
         outputs = self.model(**model_kwargs)
         hidden_states = outputs.last_hidden_state
         loss_kwargs = {name: model_kwargs[name] for name in _LOSS_KWARGS if name in model_kwargs}
@@ -277,7 +287,10 @@ def _mini_sequence_causal_lm_forward(upstream_forward, family: Family):
             loss = chunked_causal_lm_loss(hidden_states, self.lm_head, **loss_kwargs, num_chunks=1)
         passed_on = {name: value for name, value in outputs.items() if name in output_fields}
         passed_on.pop("last_hidden_state", None)
-        return CausalLMOutputWithPast(loss=loss, logits=None, **passed_on)
+        if router_aux_loss is not None and model_kwargs["output_router_logits"]:
+            passed_on["aux_loss"] = aux_loss = router_aux_loss(self, outputs, model_kwargs.get("attention_mask"))
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+        return output_class(loss=loss, logits=None, **passed_on)
 
     setattr(forward, _UPSTREAM, upstream_forward)
     return forward
@@ -291,6 +304,141 @@ def _logit_transform(family: Family, config) -> dict[str, Any]:
     if family.logits_scaling_attribute is not None:
         transform["logits_scaling"] = getattr(config, family.logits_scaling_attribute)
     return transform
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixture of experts (rows with an `experts_class`: Qwen3-MoE, Mixtral)
+# ----------------------------------------------------------------------------------------------------------------
+_LOAD_BALANCING_LOSS = "load_balancing_loss_func"  # upstream's module-level function in each MoE modeling module
+
+
+def _mini_sequence_experts_forward(upstream_forward):
+    """The experts module's replacement `forward(hidden_states, top_k_index, top_k_weights)`: upstream's experts
+    computation over chunks of the (flattened) tokens.
+
+    What runs where. The sparse MoE block stays upstream's: its router (`gate`) runs once on the whole sequence, so
+    the `router_logits` transformers records from it (an `OutputRecorder` hook on the router) and the auxiliary
+    load-balancing loss are upstream's whole-sequence tensors, and Mixtral's router jitter noise draws upstream's
+    random numbers. The router's output (`tokens x num_experts` logits, `tokens x top_k` weights and indices) is small;
+    what is large is the experts' work: each token's hidden state gathered `top_k` times and its `top_k x 2 x
+    moe_intermediate` gate/up projections, which upstream keeps for the backward. Here it exists for one chunk at a
+    time, forward and backward, so it shrinks by the chunk count.
+
+    How gradients flow. The hidden states and the routing weights are packed into one `(tokens, hidden + top_k)`
+    tensor, the differentiable input of `mini_sequence_apply` (in the wider of the two dtypes, so the round trip
+    is exact: Mixtral's routing weights stay fp32 under a bf16 model, as upstream's); the expert indices are chunked
+    alongside without a gradient. The backward therefore returns the routing weights' gradient for all tokens at
+    once, and autograd takes it through the router a single time; the experts' weights get their gradient summed over
+    chunks, once. The packed copy (`tokens x (hidden + top_k)`, in the wider dtype) is what the chunked call keeps
+    for its backward.
+
+    How often each part runs forward: without checkpointing the router once and the experts twice (the forward,
+    then the backward's per-chunk recompute). With non-reentrant activation checkpointing the router twice (forward,
+    layer recompute) and the experts twice as well (the layer recompute stops before the chunks, see `_SaveInput`);
+    with reentrant checkpointing the experts three times (no-grad forward, recompute, backward).
+
+    Every `experts_implementation` goes through: this wraps the class's `forward`, which transformers' dispatcher
+    (`use_experts_implementation`) resolves per call, so "eager", "grouped_mm" (the default), "batched_mm" and any
+    registered kernel run per chunk; all of them treat tokens independently. Chunk count: `mini_sequence_chunk_size`
+    tokens per chunk, counted over batch x seq (the experts see the batch's tokens flattened), or automatically
+    `ceil(top_k * moe_intermediate / hidden)` chunks, which makes one chunk's expert intermediate about the size of
+    the hidden states, as for dense MLPs.
+    """
+    import torch
+
+    from .ops import UnreplayableRandomOpError, chunk_bounds, mini_sequence_apply
+
+    @functools.wraps(upstream_forward)
+    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        config = self.config
+        if args or kwargs or not minis_config.use_mini_sequence(config) or hidden_states.dim() != 2:
+            return upstream_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        agree_across_ranks = None if _parametrized_from_outside(self) else _chunked_call_allowed(self, self)
+        if agree_across_ranks is None:
+            return upstream_forward(self, hidden_states, top_k_index, top_k_weights)
+        chunking = _experts_chunking(self, hidden_states, top_k_index, agree_across_ranks)
+        if chunking is None:
+            return upstream_forward(self, hidden_states, top_k_index, top_k_weights)
+        hidden_size = hidden_states.shape[-1]
+        packed_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
+        packed = torch.cat([hidden_states.to(packed_dtype), top_k_weights.to(packed_dtype)], dim=-1)
+
+        def experts_on_chunk(packed_chunk, top_k_index_chunk):
+            hidden_chunk = packed_chunk[:, :hidden_size].to(hidden_states.dtype).contiguous()
+            weights_chunk = packed_chunk[:, hidden_size:].to(top_k_weights.dtype).contiguous()
+            return upstream_forward(self, hidden_chunk, top_k_index_chunk, weights_chunk)
+
+        bounds = chunk_bounds(hidden_states.shape[0], **chunking)
+        try:
+            return mini_sequence_apply(
+                experts_on_chunk, packed, module=self, bounds=bounds, seq_dim=0, extras=(top_k_index,)
+            )
+        except UnreplayableRandomOpError as error:
+            _warn_unchunkable(self, error)
+            return upstream_forward(self, hidden_states, top_k_index, top_k_weights)
+
+    setattr(forward, _UPSTREAM, upstream_forward)
+    return forward
+
+
+def _parametrized_from_outside(experts) -> bool:
+    """Whether `experts` has parametrized weights (warns once when it does); they then run unchunked.
+
+    PEFT's LoRA on the experts' weights (`target_parameters=["experts.gate_up_proj", ...]`) wraps the experts
+    module and computes the weight delta from its LoRA factors *before* calling it, handing it in through a
+    parametrization. The chunked call only returns gradients of tensors it sees as inputs (the packed hidden states
+    and routing weights, the module's own parameters), so the LoRA factors would get none: such experts run
+    upstream's forward instead.
+    """
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(experts):
+        return False
+    warn_once(
+        "parametrized-experts",
+        f"minis: {type(experts).__name__} has parametrized weights (e.g. PEFT LoRA on the experts' weights through "
+        "target_parameters), computed outside its forward; chunking could not return their gradients, so minis "
+        "runs these experts unchunked, as upstream does (no mini-sequence memory saving there).",
+    )
+    return True
+
+
+def _experts_chunking(experts, hidden_states, top_k_index, agree_across_ranks: bool) -> dict[str, int] | None:
+    """`chunk_bounds` arguments for the experts' call on `hidden_states` (tokens x hidden), or None: unchunked.
+
+    Automatic count: `ceil(top_k * moe_intermediate / hidden)`, the dense MLP rule applied to the intermediate
+    each token really has (its `top_k` experts' activations).
+    """
+    top_k = top_k_index.shape[-1] if top_k_index.dim() > 1 else 1
+    auto = max(1, math.ceil(top_k * experts.intermediate_dim / hidden_states.shape[-1]))
+    chunk_size = minis_config.validate_setting(
+        "mini_sequence_chunk_size", getattr(experts.config, "mini_sequence_chunk_size", None)
+    )
+    # The dense MLP's policy (`config.mlp_chunking`) with this count; `_chunking` is where config.py keeps it.
+    return minis_config._chunking(hidden_states.shape[0], auto, chunk_size, agree_across_ranks, hidden_states.device)
+
+
+class _RouterAuxLoss:
+    """Upstream's auxiliary load-balancing loss of a MoE causal LM, added to minis' chunked loss as upstream adds it.
+
+    The loss is upstream's own function of the modeling module, called on the router logits the base model
+    recorded (whole-sequence tensors, see `_mini_sequence_experts_forward`) with the causal LM's `num_experts`,
+    `num_experts_per_tok` and the `attention_mask`; the causal LM adds `router_aux_loss_coef` times it to the loss
+    and returns it as `aux_loss`, with the `router_logits`, in upstream's `MoeCausalLMOutputWithPast`.
+    """
+
+    def __init__(self, modeling_module) -> None:
+        self.function = getattr(modeling_module, _LOAD_BALANCING_LOSS)
+        self.output_class = modeling_module.MoeCausalLMOutputWithPast
+
+    @staticmethod
+    def wanted(config, model_kwargs: dict[str, Any]) -> bool:
+        """Whether router logits (and the auxiliary loss) are asked for: the argument, else the config."""
+        requested = model_kwargs.get("output_router_logits")
+        return config.output_router_logits if requested is None else requested
+
+    def __call__(self, model, outputs, attention_mask):
+        return self.function(outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
 
 
 def _from_config_with_minis_kwargs():
@@ -338,12 +486,19 @@ def patch_modeling_module(module) -> None:
     """Replaces the family's MLP and causal-LM `forward` with the mini-sequence ones (idempotent)."""
     family = _family_of(module.__name__, "modeling")
     patch_configuration_module(importlib.import_module(family.configuration_module))
-    mlp_class = getattr(module, family.mlp_class)
     causal_lm_class = getattr(module, family.causal_lm_class)
-    if not is_patched_method(mlp_class.forward):
-        mlp_class.forward = _mini_sequence_mlp_forward(mlp_class.forward)
+    if family.mlp_class is not None:
+        mlp_class = getattr(module, family.mlp_class)
+        if not is_patched_method(mlp_class.forward):
+            mlp_class.forward = _mini_sequence_mlp_forward(mlp_class.forward)
+    router_aux_loss = None
+    if family.experts_class is not None:
+        experts_class = getattr(module, family.experts_class)
+        if not is_patched_method(experts_class.forward):
+            experts_class.forward = _mini_sequence_experts_forward(experts_class.forward)
+        router_aux_loss = _RouterAuxLoss(module)
     if not is_patched_method(causal_lm_class.forward):
-        causal_lm_class.forward = _mini_sequence_causal_lm_forward(causal_lm_class.forward, family)
+        causal_lm_class.forward = _mini_sequence_causal_lm_forward(causal_lm_class.forward, family, router_aux_loss)
     pretrained_class = getattr(module, family.pretrained_class)
     if "_from_config" not in pretrained_class.__dict__:
         from_config = classmethod(_from_config_with_minis_kwargs())
@@ -356,7 +511,7 @@ def unpatch_family(family: Family) -> None:
     """Restores upstream's methods and removes the config defaults, for families already imported."""
     modeling = sys.modules.get(family.modeling_module)
     if modeling is not None:
-        for class_name in (family.mlp_class, family.causal_lm_class):
+        for class_name in (*family.chunked_classes, family.causal_lm_class):
             cls = getattr(modeling, class_name)
             if is_patched_method(cls.__dict__.get("forward")):
                 cls.forward = getattr(cls.forward, _UPSTREAM)
