@@ -107,7 +107,7 @@ def test_uneven_lengths_agree_on_chunk_counts_only_under_zero3(tmp_path, worker_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen2"], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"], ids=["untied", "tied", "moe"])
 def test_deepspeed_zero3_matches_one_process(tmp_path, worker_module, family):
     try:
         import deepspeed  # noqa: F401

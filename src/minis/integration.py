@@ -346,7 +346,8 @@ def _mini_sequence_experts_forward(upstream_forward):
     """
     import torch
 
-    from .ops import UnreplayableRandomOpError, chunk_bounds, mini_sequence_apply
+    from . import ops
+    from .ops import UnreplayableRandomOpError, chunk_bounds
 
     @functools.wraps(upstream_forward)
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
@@ -370,7 +371,7 @@ def _mini_sequence_experts_forward(upstream_forward):
 
         bounds = chunk_bounds(hidden_states.shape[0], **chunking)
         try:
-            return mini_sequence_apply(
+            return ops.mini_sequence_apply(  # looked up per call, like the dense MLP's module-level name
                 experts_on_chunk, packed, module=self, bounds=bounds, seq_dim=0, extras=(top_k_index,)
             )
         except UnreplayableRandomOpError as error:
