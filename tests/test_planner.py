@@ -12,26 +12,25 @@ import pytest
 import torch
 
 from minis.families import FAMILIES, FAMILY_NAMES
-from minis.memory import LiveStorageTracker, allocator_peak_bytes
+from minis.memory import LiveStorageTracker, allocator_peak_bytes, measure_training_step_peak, run_training_step
 from minis.planner import (
     PlanError,
     TrainingSetup,
-    _minis_patched,
-    _real_run_decisions,
-    _sim_config,
     build_model,
     find_max_seq,
     main,
     make_batch,
     make_optimizer,
+    measure_fake_step_peak,
     parse_memory_size,
     plan,
     predict_peak,
-    run_training_step,
     simulate_step,
 )
+from minis.planner.cuda import _real_run_decisions
+from minis.planner.simulate import _minis_patched, _sim_config, step_arguments
 from minis.presets import PRESET_NAMES, load_preset
-from minis.testing import tiny_config
+from minis.testing import tiny_config, tiny_model
 
 GiB = 1 << 30
 
@@ -60,9 +59,15 @@ def small_config(model_type="llama", layers=5, **overrides):
 def bytes_before_the_step(model, optimizer, batch) -> int:
     """What exists before a training step and the allocator's peak of it does not count: weights, buffers,
     optimizer state and the batch (each storage once)."""
-    existing = [*model.parameters(), *model.buffers(), *(optimizer.state_tensors() if optimizer else []),
-                *(v for v in batch.values() if isinstance(v, torch.Tensor))]
+    state = [t for pair in optimizer.state.values() for t in pair] if optimizer else []
+    inputs = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    existing = [*model.parameters(), *model.buffers(), *state, *inputs]
     return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in existing}.values())
+
+
+def step(model, batch, setup, optimizer):
+    """The planner's training step (memory's one step runner, with the planner's arguments) on a real model."""
+    return run_training_step(model, batch, LiveStorageTracker(), **step_arguments(model, setup, optimizer))
 
 
 def real_peak(config, seq_len, setup, mini_sequence):
@@ -72,9 +77,9 @@ def real_peak(config, seq_len, setup, mini_sequence):
         torch.manual_seed(0)
         model = build_model(config, setup)
         optimizer = make_optimizer(model, setup)
-        batch = make_batch(config, seq_len, setup.batch_size)
+        batch = make_batch(seq_len, setup.batch_size)
         before = bytes_before_the_step(model, optimizer, batch)
-        return allocator_peak_bytes(lambda: run_training_step(model, batch, setup, LiveStorageTracker(), optimizer)) \
+        return allocator_peak_bytes(lambda: step(model, batch, setup, optimizer)) \
             + before
 
 
@@ -96,14 +101,14 @@ def real_offload_peak(config, seq_len, setup, mini_sequence):
         torch.manual_seed(0)
         model = build_model(config, setup)
         optimizer = make_optimizer(model, setup)
-        batch = make_batch(config, seq_len, setup.batch_size)
-        run_training_step(model, batch, setup, LiveStorageTracker(), optimizer)
+        batch = make_batch(seq_len, setup.batch_size)
+        step(model, batch, setup, optimizer)
         offloader = offloader_of(model)
         pool_bytes = sum(pool.held_bytes for pool in offloader.pools.values())
         allocations = sum(pool.allocations for pool in offloader.pools.values())
         before = bytes_before_the_step(model, optimizer, batch)
         measured = allocator_peak_bytes(
-            lambda: run_training_step(model, batch, setup, LiveStorageTracker(), optimizer)) + before
+            lambda: step(model, batch, setup, optimizer)) + before
         assert sum(pool.allocations for pool in offloader.pools.values()) == allocations, "the pool was reused"
         return measured, pool_bytes
 
@@ -322,6 +327,49 @@ def test_peak_grows_with_the_sequence():
     assert totals == sorted(totals) and len(set(totals)) == 4
 
 
+# --- the fake step of an existing model (memory's step runner on fake copies) -------------------------------
+def test_fake_step_equals_the_real_step_and_leaves_the_model_alone():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 257, (1, 64))
+    batch = {"input_ids": ids, "labels": ids}
+    params_before = [p for p in model.parameters()]
+    real = measure_training_step_peak(model, batch)
+    model.zero_grad(set_to_none=True)
+    fake = measure_fake_step_peak(model, batch)
+    assert fake == real
+    assert [p for p in model.parameters()] == params_before
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fake_step_takes_the_real_runs_mask_decision():
+    # Fake tensors look like tracing to transformers, which would then build a seq x seq mask (and run SDPA with it);
+    # a real unpadded run builds none. The fake step must match the real one at a length where that shows.
+    model = tiny_model("llama", use_mini_sequence=False)
+    ids = torch.randint(0, 257, (1, 1024))
+    # No KV cache, as in training: with a cache transformers skips the packed-sequence check and the mask anyway.
+    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+    real = measure_training_step_peak(model, batch)
+    model.zero_grad(set_to_none=True)
+    tracker = LiveStorageTracker()
+    fake = measure_fake_step_peak(model, batch, tracker=tracker)
+    assert fake == real
+    assert not any("1024, 1024)" in record.description for record in tracker.records)
+
+
+def test_fake_step_with_an_optimizer_counts_its_state():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 257, (1, 16))
+    batch = {"input_ids": ids, "labels": ids}
+    tracker = LiveStorageTracker()
+    measure_fake_step_peak(model, batch, optimizer=lambda ps: torch.optim.AdamW(ps), tracker=tracker)
+    param_bytes = sum(p.nbytes for p in model.parameters())
+    # AdamW allocated its two moments per parameter in the step (freed with the optimizer afterwards).
+    optimizer_bytes = sum(r.nbytes for r in tracker.records if r.label == "optimizer_step")
+    assert optimizer_bytes >= 2 * param_bytes
+    assert tracker.current_bytes == 0
+
+
+
 # --- command line -----------------------------------------------------------------------------------------------
 def write_config(tmp_path, config):
     path = tmp_path / "config.json"
@@ -407,7 +455,8 @@ def test_cli_offload_options(tmp_path, capsys):
 def test_cli_bad_input_exits_2_naming_the_value(args, words, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("minis plan: error: ")
+    # argparse's errors print the usage first; the planner's validation only the error line
+    assert err.splitlines()[-1].startswith("minis plan: error: "), err
     for word in words:
         assert word in err, (word, err)
 
