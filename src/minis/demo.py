@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 
 from .families import FAMILIES, FAMILY_NAMES
 
-__all__ = ["build_parser", "main", "make_blocks", "run_child"]
+__all__ = ["build_parser", "main", "make_blocks", "run", "run_child"]
 
 LOSS_RTOL = 1e-4  # fp32 chunking changes only summation order: a larger difference is a bug
 MIB = 1 << 20
@@ -134,11 +134,18 @@ def _log(message: str, to_stderr: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the demo; returns 0 when both runs train the same model, 1 otherwise (2 for bad arguments)."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-        _check_args(parser, args)
+        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_request:  # argparse exits; the CLI wants a return code
+        return int(exit_request.code or 0)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the demo on parsed options (`build_parser()`'s); the exit code as `main`'s."""
+    try:
+        _check_args(build_parser(), args)
+    except SystemExit as exit_request:  # parser.error: the message is printed, the code is 2
         return int(exit_request.code or 0)
 
     import importlib.util
