@@ -18,6 +18,7 @@ from minis.planner import (
     TrainingSetup,
     build_model,
     find_max_seq,
+    load_model_config,
     main,
     make_batch,
     make_optimizer,
@@ -70,12 +71,17 @@ def step(model, batch, setup, optimizer):
     return run_training_step(model, batch, LiveStorageTracker(), **step_arguments(model, setup, optimizer))
 
 
-def real_peak(config, seq_len, setup, mini_sequence):
-    """The CPU allocator's peak of the planner's training step on a real model, plus what existed before it."""
+def real_peak(config, seq_len, setup, mini_sequence, prepare=None):
+    """The CPU allocator's peak of the planner's training step on a real model, plus what existed before it.
+
+    `prepare(model)`, when given, runs on the built model before the step (e.g. to set its router's weights).
+    """
     config = _sim_config(config, config.num_hidden_layers, mini_sequence)
     with _minis_patched(config.model_type), _real_run_decisions("native"):
         torch.manual_seed(0)
         model = build_model(config, setup)
+        if prepare is not None:
+            prepare(model)
         optimizer = make_optimizer(model, setup)
         batch = make_batch(seq_len, setup.batch_size)
         before = bytes_before_the_step(model, optimizer, batch)
@@ -270,8 +276,68 @@ def test_minis_predicts_a_lower_peak_for_every_preset(preset):
     setup = TrainingSetup(attn="flash", method="lora")
     upstream = predict_peak(preset, 8192, setup, mini_sequence=False)
     minis = predict_peak(preset, 8192, setup, mini_sequence=True)
-    assert minis.total < upstream.total
     assert minis.components["parameters"] == upstream.components["parameters"]
+    if load_preset(preset)["model_type"] in FAMILIES:
+        assert minis.total < upstream.total
+    else:  # a model type minis has no family for runs upstream's code, unless minis patches it some other way
+        assert minis.total <= upstream.total
+
+
+# Published sizes (total parameters of the model transformers builds from the preset, the LM head counted once
+# when tied), from the model cards: Qwen3-8B 8.2B, Gemma-3-12B 12.2B with its 0.4B vision tower (not planned),
+# Qwen3-30B-A3B 30.5B.
+@pytest.mark.parametrize("preset,low,high", [("qwen3-8b", 8.1e9, 8.3e9), ("gemma-3-12b", 11.7e9, 11.9e9),
+                                             ("qwen3-30b-a3b", 30.4e9, 30.6e9)])
+def test_new_presets_load_with_their_published_sizes(preset, low, high):
+    config = load_model_config(preset)
+    assert config.model_type == load_preset(preset)["model_type"]
+    estimate = predict_peak(preset, 1024, TrainingSetup(attn="flash", optimizer="none"), mini_sequence=True)
+    assert estimate.extrapolated and low < estimate.total_params < high
+    # Full fine-tuning in pure bf16: the parameters are 2 bytes each, and the peak holds them all (plus the buffers:
+    # the rotary embedding's frequencies, a few hundred bytes).
+    assert 2 * estimate.total_params <= estimate.components["parameters"] < 2 * estimate.total_params + (1 << 20)
+    if preset == "gemma-3-12b":
+        assert estimate.simulated_layers == (12, 18)  # 5 sliding-window layers, then a global one
+    if preset == "qwen3-30b-a3b":
+        experts = config.num_hidden_layers * config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size
+        active = estimate.total_params - experts * (1 - config.num_experts_per_tok / config.num_experts)
+        assert 3.3e9 < active < 3.4e9
+
+
+def moe_config(layers=5, **overrides):
+    """A small qwen3_moe config: 8 experts of width 48, 2 per token."""
+    from transformers import AutoConfig
+
+    sizes = {"hidden_size": 64, "intermediate_size": 176, "moe_intermediate_size": 48, "num_experts": 8,
+             "num_experts_per_tok": 2, "num_hidden_layers": layers, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 1000, "norm_topk_prob": True}
+    sizes.update(overrides)
+    return AutoConfig.for_model("qwen3_moe", **sizes)
+
+
+def route_every_token_to_the_same_experts(model):
+    """A router of zeros gives every expert the same probability: top-k then picks the same experts for every token
+    (the most unbalanced routing there is)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.zero_()
+
+
+@pytest.mark.parametrize("routing", [None, route_every_token_to_the_same_experts], ids=["random", "one-sided"])
+@pytest.mark.parametrize("setup", [TrainingSetup(), TrainingSetup(method="lora", grad_ckpt=True)],
+                         ids=["full", "lora-gc"])
+def test_moe_prediction_within_5_percent_of_the_cpu_allocator_for_any_routing(setup, routing):
+    """The experts run as grouped_mm, whose tensors have tokens x top-k rows whatever the routing: the fake run, whose
+    router decides nothing, predicts a real run with a random router and one that sends every token to the same
+    experts."""
+    config = moe_config(layers=5)
+    predicted = predict_peak(config, 256, setup, mini_sequence=True, attention_memory="native")
+    assert predicted.extrapolated
+    measured = real_peak(config, 256, setup, mini_sequence=True, prepare=routing)
+    # 1%, not the 5% of the dense tests: here the prediction is exact to the byte. (The eager experts loop, which
+    # the planner does not model, measures 2.3% above it in the full setup.)
+    assert close(predicted.total, measured, 0.01), (predicted.total, measured)
 
 
 # --- sharding attribution ---------------------------------------------------------------------------------------
@@ -503,7 +569,8 @@ def test_parse_memory_size():
 def test_plan_api_and_presets():
     report = plan("llama-3-8b", seq=4096, method="lora", attn="flash")
     assert report["seq"]["ratio"] < 1
-    assert set(PRESET_NAMES) == {"llama-3-8b", "llama-2-7b", "qwen2-7b", "mistral-7b", "gemma-2-9b"}
+    assert set(PRESET_NAMES) == {"llama-3-8b", "llama-2-7b", "qwen2-7b", "mistral-7b", "gemma-2-9b", "qwen3-8b",
+                                 "gemma-3-12b", "qwen3-30b-a3b"}
     assert load_preset("qwen2-7b")["hidden_size"] == 3584
     with pytest.raises(ValueError, match="llama-3-8b"):
         load_preset("llama-4")
