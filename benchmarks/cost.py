@@ -58,13 +58,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from minis.memory import LiveStorageTracker
-from minis.planner import (
-    PlanError,
-    TrainingSetup,
-    _sdpa_backend,
-    load_model_config,
-    simulate_step,
-)
+from minis.planner import PlanError, TrainingSetup, load_model_config, simulate_step
+from minis.planner.cuda import _sdpa_backend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOC = os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md")

@@ -1,10 +1,18 @@
-"""The memory instruments agree with the allocator, and the tracker works under FakeTensorMode."""
+"""The memory instruments agree with the allocator, the tracker works under FakeTensorMode, and the step runner
+labels and marks a step (the fake-tensor step of an existing model is the planner's: tests/test_planner.py)."""
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from minis.memory import LiveStorageTracker, allocator_peak_bytes, measure_training_step_peak, profile_peak_bytes
+from minis.memory import (
+    STEP_LABELS,
+    LiveStorageTracker,
+    allocator_peak_bytes,
+    measure_training_step_peak,
+    profile_peak_bytes,
+    run_training_step,
+)
 from minis.testing import tiny_model
 
 
@@ -42,7 +50,7 @@ def test_register_and_labels_breakdown_at_peak():
         del a
     assert tracker.peak_bytes == 120000
     assert tracker.breakdown_at_peak() == {"parameters": 40000, "activations": 40000, "temporaries": 40000}
-    assert tracker.current_breakdown() == {"parameters": 40000}
+    assert tracker.current_bytes == 40000  # the parameters: registered storages stay counted while alive
 
 
 def test_matmuls_match_the_allocator():
@@ -79,45 +87,46 @@ def test_tiny_llama_training_step_matches_the_allocator(mini_sequence):
     assert breakdown["activations"] > 0
 
 
-def test_fake_step_equals_the_real_step_and_leaves_the_model_alone():
-    model = tiny_model("llama")
-    ids = torch.randint(0, 257, (1, 64))
-    batch = {"input_ids": ids, "labels": ids}
-    params_before = [p for p in model.parameters()]
-    real = measure_training_step_peak(model, batch)
-    model.zero_grad(set_to_none=True)
-    fake = measure_training_step_peak(model, batch, fake=True)
-    assert fake == real
-    assert [p for p in model.parameters()] == params_before
-    assert all(p.grad is None for p in model.parameters())
-
-
-def test_fake_step_takes_the_real_runs_mask_decision():
-    # Fake tensors look like tracing to transformers, which would then build a seq x seq mask (and run SDPA with it);
-    # a real unpadded run builds none. The fake step must match the real one at a length where that shows.
-    model = tiny_model("llama", use_mini_sequence=False)
-    ids = torch.randint(0, 257, (1, 1024))
-    # No KV cache, as in training: with a cache transformers skips the packed-sequence check and the mask anyway.
-    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
-    real = measure_training_step_peak(model, batch)
-    model.zero_grad(set_to_none=True)
+def test_step_runner_marks_the_phases_and_labels_every_storage():
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.randint(0, 257, (1, 32))
     tracker = LiveStorageTracker()
-    fake = measure_training_step_peak(model, batch, fake=True, tracker=tracker)
-    assert fake == real
-    assert not any("1024, 1024)" in record.description for record in tracker.records)
-
-
-def test_fake_step_with_an_optimizer_counts_its_state():
-    model = tiny_model("llama")
-    ids = torch.randint(0, 257, (1, 16))
-    batch = {"input_ids": ids, "labels": ids}
+    optimizer = torch.optim.AdamW(model.parameters())
+    timeline = run_training_step(model, {"input_ids": ids, "labels": ids}, tracker, optimizer=optimizer,
+                                 layers=list(model.model.layers))
+    assert [name for _, name in timeline.phase_marks] == ["pre", "fwd:0", "fwd:1", "post", "bwd:1", "bwd:0", "end"]
+    events = [event for event, _ in timeline.phase_marks]
+    assert events == sorted(events) and events[3] < timeline.forward_end < events[4]
+    assert timeline.num_layers == 2
+    labels = {record.label for record in tracker.records}
+    assert labels == set(STEP_LABELS) - {"optimizer_state"}  # a fresh torch optimizer has no state before its step
+    assert all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none=True)
+    # The next step finds the state AdamW made and counts it as optimizer state from the start.
     tracker = LiveStorageTracker()
-    measure_training_step_peak(model, batch, fake=True, optimizer=lambda ps: torch.optim.AdamW(ps), tracker=tracker)
-    param_bytes = sum(p.nbytes for p in model.parameters())
-    # AdamW allocated its two moments per parameter in the step (freed with the optimizer afterwards).
-    optimizer_bytes = sum(r.nbytes for r in tracker.records if r.label == "optimizer")
-    assert optimizer_bytes >= 2 * param_bytes
-    assert tracker.current_bytes == 0
+    run_training_step(model, {"input_ids": ids, "labels": ids}, tracker, optimizer=optimizer)
+    state_bytes = sum(r.nbytes for r in tracker.records if r.label == "optimizer_state")
+    assert state_bytes >= 2 * sum(p.nbytes for p in model.parameters())
+
+
+def test_step_runner_updates_in_backward_and_frees_each_gradient():
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.randint(0, 257, (1, 32))
+    updated = []
+
+    class NoStep:
+        def step(self):
+            raise AssertionError("with update_in_backward the optimizer's step must not run")
+
+    tracker = LiveStorageTracker()
+    timeline = run_training_step(model, {"input_ids": ids, "labels": ids}, tracker, optimizer=NoStep(),
+                                 update_in_backward=lambda param: updated.append(param.grad is not None),
+                                 layers=list(model.model.layers))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert updated == [True] * len(trainable)
+    # Each gradient is freed right after its update: none is left when the backward ends.
+    end = dict((name, event) for event, name in timeline.phase_marks)["end"]
+    grads = [r for r in tracker.records if r.label == "gradients"]
+    assert grads and not any(r.alive_at(end) for r in grads)
 
 
 def test_tracker_under_fake_tensor_mode_counts_without_memory():

@@ -12,26 +12,26 @@ import pytest
 import torch
 
 from minis.families import FAMILIES, FAMILY_NAMES
-from minis.memory import LiveStorageTracker, allocator_peak_bytes
+from minis.memory import LiveStorageTracker, allocator_peak_bytes, measure_training_step_peak, run_training_step
 from minis.planner import (
     PlanError,
     TrainingSetup,
-    _minis_patched,
-    _real_run_decisions,
-    _sim_config,
     build_model,
     find_max_seq,
+    load_model_config,
     main,
     make_batch,
     make_optimizer,
+    measure_fake_step_peak,
     parse_memory_size,
     plan,
     predict_peak,
-    run_training_step,
     simulate_step,
 )
+from minis.planner.cuda import _real_run_decisions
+from minis.planner.simulate import _minis_patched, _sim_config, step_arguments
 from minis.presets import PRESET_NAMES, load_preset
-from minis.testing import tiny_config
+from minis.testing import tiny_config, tiny_model
 
 GiB = 1 << 30
 
@@ -60,21 +60,32 @@ def small_config(model_type="llama", layers=5, **overrides):
 def bytes_before_the_step(model, optimizer, batch) -> int:
     """What exists before a training step and the allocator's peak of it does not count: weights, buffers,
     optimizer state and the batch (each storage once)."""
-    existing = [*model.parameters(), *model.buffers(), *(optimizer.state_tensors() if optimizer else []),
-                *(v for v in batch.values() if isinstance(v, torch.Tensor))]
+    state = [t for pair in optimizer.state.values() for t in pair] if optimizer else []
+    inputs = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    existing = [*model.parameters(), *model.buffers(), *state, *inputs]
     return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in existing}.values())
 
 
-def real_peak(config, seq_len, setup, mini_sequence):
-    """The CPU allocator's peak of the planner's training step on a real model, plus what existed before it."""
+def step(model, batch, setup, optimizer):
+    """The planner's training step (memory's one step runner, with the planner's arguments) on a real model."""
+    return run_training_step(model, batch, LiveStorageTracker(), **step_arguments(model, setup, optimizer))
+
+
+def real_peak(config, seq_len, setup, mini_sequence, prepare=None):
+    """The CPU allocator's peak of the planner's training step on a real model, plus what existed before it.
+
+    `prepare(model)`, when given, runs on the built model before the step (e.g. to set its router's weights).
+    """
     config = _sim_config(config, config.num_hidden_layers, mini_sequence)
     with _minis_patched(config.model_type), _real_run_decisions("native"):
         torch.manual_seed(0)
         model = build_model(config, setup)
+        if prepare is not None:
+            prepare(model)
         optimizer = make_optimizer(model, setup)
-        batch = make_batch(config, seq_len, setup.batch_size)
+        batch = make_batch(seq_len, setup.batch_size)
         before = bytes_before_the_step(model, optimizer, batch)
-        return allocator_peak_bytes(lambda: run_training_step(model, batch, setup, LiveStorageTracker(), optimizer)) \
+        return allocator_peak_bytes(lambda: step(model, batch, setup, optimizer)) \
             + before
 
 
@@ -96,14 +107,14 @@ def real_offload_peak(config, seq_len, setup, mini_sequence):
         torch.manual_seed(0)
         model = build_model(config, setup)
         optimizer = make_optimizer(model, setup)
-        batch = make_batch(config, seq_len, setup.batch_size)
-        run_training_step(model, batch, setup, LiveStorageTracker(), optimizer)
+        batch = make_batch(seq_len, setup.batch_size)
+        step(model, batch, setup, optimizer)
         offloader = offloader_of(model)
         pool_bytes = sum(pool.held_bytes for pool in offloader.pools.values())
         allocations = sum(pool.allocations for pool in offloader.pools.values())
         before = bytes_before_the_step(model, optimizer, batch)
         measured = allocator_peak_bytes(
-            lambda: run_training_step(model, batch, setup, LiveStorageTracker(), optimizer)) + before
+            lambda: step(model, batch, setup, optimizer)) + before
         assert sum(pool.allocations for pool in offloader.pools.values()) == allocations, "the pool was reused"
         return measured, pool_bytes
 
@@ -265,8 +276,68 @@ def test_minis_predicts_a_lower_peak_for_every_preset(preset):
     setup = TrainingSetup(attn="flash", method="lora")
     upstream = predict_peak(preset, 8192, setup, mini_sequence=False)
     minis = predict_peak(preset, 8192, setup, mini_sequence=True)
-    assert minis.total < upstream.total
     assert minis.components["parameters"] == upstream.components["parameters"]
+    if load_preset(preset)["model_type"] in FAMILIES:
+        assert minis.total < upstream.total
+    else:  # a model type minis has no family for runs upstream's code, unless minis patches it some other way
+        assert minis.total <= upstream.total
+
+
+# Published sizes (total parameters of the model transformers builds from the preset, the LM head counted once
+# when tied), from the model cards: Qwen3-8B 8.2B, Gemma-3-12B 12.2B with its 0.4B vision tower (not planned),
+# Qwen3-30B-A3B 30.5B.
+@pytest.mark.parametrize("preset,low,high", [("qwen3-8b", 8.1e9, 8.3e9), ("gemma-3-12b", 11.7e9, 11.9e9),
+                                             ("qwen3-30b-a3b", 30.4e9, 30.6e9)])
+def test_new_presets_load_with_their_published_sizes(preset, low, high):
+    config = load_model_config(preset)
+    assert config.model_type == load_preset(preset)["model_type"]
+    estimate = predict_peak(preset, 1024, TrainingSetup(attn="flash", optimizer="none"), mini_sequence=True)
+    assert estimate.extrapolated and low < estimate.total_params < high
+    # Full fine-tuning in pure bf16: the parameters are 2 bytes each, and the peak holds them all (plus the buffers:
+    # the rotary embedding's frequencies, a few hundred bytes).
+    assert 2 * estimate.total_params <= estimate.components["parameters"] < 2 * estimate.total_params + (1 << 20)
+    if preset == "gemma-3-12b":
+        assert estimate.simulated_layers == (12, 18)  # 5 sliding-window layers, then a global one
+    if preset == "qwen3-30b-a3b":
+        experts = config.num_hidden_layers * config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size
+        active = estimate.total_params - experts * (1 - config.num_experts_per_tok / config.num_experts)
+        assert 3.3e9 < active < 3.4e9
+
+
+def moe_config(layers=5, **overrides):
+    """A small qwen3_moe config: 8 experts of width 48, 2 per token."""
+    from transformers import AutoConfig
+
+    sizes = {"hidden_size": 64, "intermediate_size": 176, "moe_intermediate_size": 48, "num_experts": 8,
+             "num_experts_per_tok": 2, "num_hidden_layers": layers, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 1000, "norm_topk_prob": True}
+    sizes.update(overrides)
+    return AutoConfig.for_model("qwen3_moe", **sizes)
+
+
+def route_every_token_to_the_same_experts(model):
+    """A router of zeros gives every expert the same probability: top-k then picks the same experts for every token
+    (the most unbalanced routing there is)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.zero_()
+
+
+@pytest.mark.parametrize("routing", [None, route_every_token_to_the_same_experts], ids=["random", "one-sided"])
+@pytest.mark.parametrize("setup", [TrainingSetup(), TrainingSetup(method="lora", grad_ckpt=True)],
+                         ids=["full", "lora-gc"])
+def test_moe_prediction_within_5_percent_of_the_cpu_allocator_for_any_routing(setup, routing):
+    """The experts run as grouped_mm, whose tensors have tokens x top-k rows whatever the routing: the fake run, whose
+    router decides nothing, predicts a real run with a random router and one that sends every token to the same
+    experts."""
+    config = moe_config(layers=5)
+    predicted = predict_peak(config, 256, setup, mini_sequence=True, attention_memory="native")
+    assert predicted.extrapolated
+    measured = real_peak(config, 256, setup, mini_sequence=True, prepare=routing)
+    # 1%, not the 5% of the dense tests: here the prediction is exact to the byte. (The eager experts loop, which
+    # the planner does not model, measures 2.3% above it in the full setup.)
+    assert close(predicted.total, measured, 0.01), (predicted.total, measured)
 
 
 # --- sharding attribution ---------------------------------------------------------------------------------------
@@ -320,6 +391,49 @@ def test_peak_grows_with_the_sequence():
     config = small_config(layers=5)
     totals = [predict_peak(config, n, TrainingSetup(), mini_sequence=True).total for n in (256, 512, 1024, 2048)]
     assert totals == sorted(totals) and len(set(totals)) == 4
+
+
+# --- the fake step of an existing model (memory's step runner on fake copies) -------------------------------
+def test_fake_step_equals_the_real_step_and_leaves_the_model_alone():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 257, (1, 64))
+    batch = {"input_ids": ids, "labels": ids}
+    params_before = [p for p in model.parameters()]
+    real = measure_training_step_peak(model, batch)
+    model.zero_grad(set_to_none=True)
+    fake = measure_fake_step_peak(model, batch)
+    assert fake == real
+    assert [p for p in model.parameters()] == params_before
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fake_step_takes_the_real_runs_mask_decision():
+    # Fake tensors look like tracing to transformers, which would then build a seq x seq mask (and run SDPA with it);
+    # a real unpadded run builds none. The fake step must match the real one at a length where that shows.
+    model = tiny_model("llama", use_mini_sequence=False)
+    ids = torch.randint(0, 257, (1, 1024))
+    # No KV cache, as in training: with a cache transformers skips the packed-sequence check and the mask anyway.
+    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+    real = measure_training_step_peak(model, batch)
+    model.zero_grad(set_to_none=True)
+    tracker = LiveStorageTracker()
+    fake = measure_fake_step_peak(model, batch, tracker=tracker)
+    assert fake == real
+    assert not any("1024, 1024)" in record.description for record in tracker.records)
+
+
+def test_fake_step_with_an_optimizer_counts_its_state():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 257, (1, 16))
+    batch = {"input_ids": ids, "labels": ids}
+    tracker = LiveStorageTracker()
+    measure_fake_step_peak(model, batch, optimizer=lambda ps: torch.optim.AdamW(ps), tracker=tracker)
+    param_bytes = sum(p.nbytes for p in model.parameters())
+    # AdamW allocated its two moments per parameter in the step (freed with the optimizer afterwards).
+    optimizer_bytes = sum(r.nbytes for r in tracker.records if r.label == "optimizer_step")
+    assert optimizer_bytes >= 2 * param_bytes
+    assert tracker.current_bytes == 0
+
 
 
 # --- command line -----------------------------------------------------------------------------------------------
@@ -407,7 +521,8 @@ def test_cli_offload_options(tmp_path, capsys):
 def test_cli_bad_input_exits_2_naming_the_value(args, words, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("minis plan: error: ")
+    # argparse's errors print the usage first; the planner's validation only the error line
+    assert err.splitlines()[-1].startswith("minis plan: error: "), err
     for word in words:
         assert word in err, (word, err)
 
@@ -454,7 +569,8 @@ def test_parse_memory_size():
 def test_plan_api_and_presets():
     report = plan("llama-3-8b", seq=4096, method="lora", attn="flash")
     assert report["seq"]["ratio"] < 1
-    assert set(PRESET_NAMES) == {"llama-3-8b", "llama-2-7b", "qwen2-7b", "mistral-7b", "gemma-2-9b"}
+    assert set(PRESET_NAMES) == {"llama-3-8b", "llama-2-7b", "qwen2-7b", "mistral-7b", "gemma-2-9b", "qwen3-8b",
+                                 "gemma-3-12b", "qwen3-30b-a3b"}
     assert load_preset("qwen2-7b")["hidden_size"] == 3584
     with pytest.raises(ValueError, match="llama-3-8b"):
         load_preset("llama-4")

@@ -1,3 +1,5 @@
+"""`python -m minis ...`: the `minis` command line (`minis.cli`)."""
+
 import sys
 
 from .cli import main

@@ -9,8 +9,11 @@ Two instruments that agree on real CPU workloads (tests/test_memory.py checks it
 - `allocator_peak_bytes(fn)`: what the allocator itself saw while `fn` ran (the torch profiler's allocation events
   on CPU, `torch.cuda.max_memory_allocated` on a GPU). Ground truth for real tensors.
 
-`measure_training_step_peak` runs one forward/backward(/optimizer) step of a Hugging Face causal LM under the tracker
-and returns the peak, including the parameters and the batch.
+`run_training_step` runs one forward/backward(/optimizer) step of a model under the tracker, with its phases marked
+(the one step runner: `minis plan` runs it on fake tensors, the tests on real ones); `measure_training_step_peak`
+runs it and returns the peak, including the parameters and the batch.
+
+This module imports only torch: it knows nothing of transformers or of the planner.
 
 What the tracker does not see: memory that kernels allocate internally without making a tensor (workspaces, cuBLAS
 and cuDNN buffers), the CUDA caching allocator's rounding (to 512 bytes) and fragmentation, and the CUDA context.
@@ -20,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,13 +32,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = [
+    "STEP_LABELS",
     "LiveStorageTracker",
+    "StepTimeline",
     "StorageRecord",
     "allocator_peak_bytes",
     "measure_training_step_peak",
     "profile_peak_bytes",
+    "run_training_step",
     "swap_in_fake_tensors",
 ]
+
+# The labels `run_training_step` gives storages, in the order a step meets them.
+STEP_LABELS = ("parameters", "inputs", "optimizer_state", "activations", "backward", "gradients", "optimizer_step")
 
 
 @dataclass
@@ -110,7 +119,6 @@ class LiveStorageTracker(TorchDispatchMode):
         self.records: list[StorageRecord] = []
         self._live: dict[int, StorageRecord] = {}  # storage key -> record of the live storage
         self._label = default_label
-        self._peak_callbacks: list[Callable[[], None]] = []
 
     # --- labels ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -124,6 +132,7 @@ class LiveStorageTracker(TorchDispatchMode):
 
     @property
     def current_label(self) -> str:
+        """The label storages allocated now get (benchmarks/cost.py reads the step's phase from it)."""
         return self._label
 
     def relabel(self, tensors, label: str) -> None:
@@ -166,8 +175,6 @@ class LiveStorageTracker(TorchDispatchMode):
         if self.current_bytes > self.peak_bytes:
             self.peak_bytes = self.current_bytes
             self.peak_event = record.allocated_at
-            for callback in self._peak_callbacks:
-                callback()
         weakref.finalize(storage, self._free, key, record)
         return nbytes
 
@@ -205,10 +212,6 @@ class LiveStorageTracker(TorchDispatchMode):
         return out
 
     # --- reading --------------------------------------------------------------------------------------------
-    def on_new_peak(self, callback: Callable[[], None]) -> None:
-        """Calls `callback()` whenever the peak grows (e.g. to note the program's phase at the peak)."""
-        self._peak_callbacks.append(callback)
-
     def live_records(self, event: int | None = None) -> list[StorageRecord]:
         """Records of the storages alive at `event` (default: the peak)."""
         event = self.peak_event if event is None else event
@@ -220,18 +223,6 @@ class LiveStorageTracker(TorchDispatchMode):
         for record in self.live_records():
             totals[record.label] = totals.get(record.label, 0) + record.nbytes
         return totals
-
-    def current_breakdown(self) -> dict[str, int]:
-        """Bytes alive now per label."""
-        totals: dict[str, int] = {}
-        for record in self._live.values():
-            totals[record.label] = totals.get(record.label, 0) + record.nbytes
-        return totals
-
-    def reset_peak(self) -> None:
-        """Makes the current bytes the peak (like `torch.cuda.reset_peak_memory_stats`)."""
-        self.peak_bytes = self.current_bytes
-        self.peak_event = max(self.events - 1, 0)
 
 
 def allocator_peak_bytes(fn: Callable[[], object], device: torch.device | str | None = None) -> int:
@@ -311,91 +302,148 @@ def swap_in_fake_tensors(model: nn.Module, fake_mode) -> dict[tuple[nn.Module, s
     return originals
 
 
+@dataclass
+class StepTimeline:
+    """One tracked training step: the tracker's records, and the event index where each phase starts.
+
+    Phases (with `layers` given to `run_training_step`): "pre" (embeddings), "fwd:i" (decoder layer i's forward),
+    "post" (what follows the last layer: final norm, LM head and loss, forward and backward), "bwd:i" (from when the
+    gradient reaches layer i's output), "end" (the optimizer step).
+    """
+
+    records: list[StorageRecord]
+    phase_marks: list[tuple[int, str]] = field(default_factory=list)  # (first event index of the phase, its name)
+    forward_end: int = 0  # event index at which the forward (loss included) had finished
+    num_layers: int = 0
+
+
+def _first_tensor(value) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def run_training_step(
+    model: nn.Module,
+    batch: Mapping[str, object],
+    tracker: LiveStorageTracker,
+    *,
+    optimizer=None,
+    update_in_backward: Callable[[nn.Parameter], None] | None = None,
+    layers: Sequence[nn.Module] = (),
+) -> StepTimeline:
+    """One training step of `model` on `batch` under `tracker`, phases marked; the same code for fake and real tensors.
+
+    The step is `loss = model(**batch).loss; loss.backward()`, then `optimizer.step()`, then every trainable
+    parameter's gradient set to None (`zero_grad(set_to_none=True)`: the step leaves no gradients behind, whatever
+    it found). Labels (`STEP_LABELS`): "parameters" (the model's parameters and buffers), "inputs" (the batch),
+    "optimizer_state" (the tensors in `optimizer.state` before the step), "activations" (made in the forward),
+    "backward" (made in the backward), "gradients" (parameter gradients, relabeled as autograd accumulates them, and
+    gradients already there), "optimizer_step" (made by the optimizer step, e.g. a torch optimizer's lazily created
+    state).
+
+    Args:
+        model: a module whose call on `batch` returns an object with `.loss`.
+        batch: keyword arguments of the model call.
+        tracker: the tracker (or a subclass) to run the step under.
+        optimizer: anything with `step()`, or None; its existing `state` (a mapping of tensors, as torch optimizers
+            keep it) is counted as "optimizer_state".
+        update_in_backward: optimizer in backward: called with each parameter as its gradient lands (under label
+            "optimizer_step"); the gradient is freed right after, and `optimizer.step()` is not called.
+        layers: the decoder layers, in order, whose forward and backward mark the phases (none: no phase marks).
+    """
+    marks: list[tuple[int, str]] = []
+    in_forward = False
+
+    def mark(name: str) -> None:
+        marks.append((tracker.events, name))
+
+    handles = []
+    for index, layer in enumerate(layers):
+        def pre_hook(module, args, index=index):
+            if in_forward:
+                mark(f"fwd:{index}")
+
+        def post_hook(module, args, output, index=index):
+            if not in_forward:
+                return  # a gradient-checkpointing recompute
+            tensor = _first_tensor(output)
+            if tensor is not None and tensor.requires_grad:
+                tensor.register_hook(lambda grad, index=index: mark(f"bwd:{index}"))
+            if index == len(layers) - 1:
+                mark("post")
+
+        handles.append(layer.register_forward_pre_hook(pre_hook))
+        handles.append(layer.register_forward_hook(post_hook))
+
+    trainable = [param for param in model.parameters() if param.requires_grad]
+
+    def on_gradient(param: nn.Parameter) -> None:
+        tracker.relabel(param.grad, "gradients")
+        if update_in_backward is not None:
+            with tracker.label("optimizer_step"):
+                update_in_backward(param)
+            param.grad = None  # freed right after its update
+
+    handles += [param.register_post_accumulate_grad_hook(on_gradient) for param in trainable]
+    tracker.register(model, "parameters")
+    for param in model.parameters():
+        if param.grad is not None:
+            tracker.relabel(param.grad, "gradients")
+    tracker.register(batch, "inputs")
+    if optimizer is not None:
+        tracker.register(getattr(optimizer, "state", {}), "optimizer_state")
+    try:
+        with tracker:
+            mark("pre")
+            in_forward = True
+            with tracker.label("activations"):
+                loss = model(**batch).loss
+            in_forward = False
+            forward_end = tracker.events
+            with tracker.label("backward"):
+                loss.backward()
+            del loss
+            mark("end")
+            with tracker.label("optimizer_step"):
+                if optimizer is not None and update_in_backward is None:
+                    optimizer.step()
+                for param in trainable:
+                    param.grad = None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return StepTimeline(records=tracker.records, phase_marks=marks, forward_end=forward_end, num_layers=len(layers))
+
+
 def measure_training_step_peak(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
     *,
-    fake: bool = False,
     optimizer: torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
     tracker: LiveStorageTracker | None = None,
 ) -> int:
     """Peak bytes of live tensors during one training step of `model` on `batch`, parameters and batch included.
 
-    The step is `loss = model(**batch).loss; loss.backward()`, then `optimizer.step(); optimizer.zero_grad()` when
-    an optimizer is given. Gradients already on the parameters are counted (they are live) and are left
-    accumulated by the step, as in a real step; pass a model without gradients for a clean measurement.
+    The step is `run_training_step`'s (its labels; it leaves no gradients). Gradients already on the parameters are
+    counted (they are live); pass a model without gradients for a clean measurement. For the same step on fake
+    copies of the model (any size, no memory), see `minis.planner.measure_fake_step_peak`.
 
     Args:
         model: a module whose call on `batch` returns an object with `.loss` (a transformers causal LM with
             `labels` in the batch).
         batch: keyword arguments of the model call.
-        fake: run the step on fake copies of the parameters, buffers and batch (`FakeTensorMode`): no real memory,
-            no real compute, any size; `model` is restored unchanged afterwards. With `fake=True`, `optimizer` must
-            be None or a factory (it must be built on the fake parameters). transformers takes fake tensors for
-            tracing and would then build a seq x seq attention mask that a real unpadded run does not build; the
-            fake step answers its packed-sequence check as a real unpadded batch does (see `minis.planner`), so
-            `batch` must hold unpadded, unpacked sequences (no attention mask or an all-ones one, no position ids).
         optimizer: an optimizer over the model's parameters, or a factory `f(params) -> optimizer` (called on the
-            trainable parameters before the step; the state it allocates on the first `step` is counted).
-        tracker: a tracker to use (read its `breakdown_at_peak()` afterwards); a new one by default. Labels:
-            "parameters", "inputs", "gradients" (parameter gradients), "activations" (forward), "backward"
-            (backward temporaries and activation gradients), "optimizer".
+            trainable parameters before the step; the state it allocates in `step` is counted).
+        tracker: a tracker to use (read its `breakdown_at_peak()` afterwards); a new one by default.
 
     Returns:
         The tracker's `peak_bytes`.
     """
     tracker = tracker if tracker is not None else LiveStorageTracker()
-    if not fake:
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
-        _run_step(model, dict(batch), optimizer, tracker)
-        return tracker.peak_bytes
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    if isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError("measure_training_step_peak(fake=True) needs an optimizer factory, not an optimizer: "
-                         "the optimizer must be built on the fake parameters")
-    from .planner import _real_run_decisions
-
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    originals = swap_in_fake_tensors(model, fake_mode)
-    try:
-        fake_batch = {k: fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with fake_mode, _real_run_decisions("native"):
-            built = None
-            if optimizer is not None:
-                built = optimizer([p for p in model.parameters() if p.requires_grad])
-            _run_step(model, fake_batch, built, tracker)
-    finally:
-        for (module, kind, name), tensor in originals.items():
-            getattr(module, kind)[name] = tensor
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
+    run_training_step(model, dict(batch), tracker, optimizer=optimizer)
     return tracker.peak_bytes
-
-
-def _run_step(model: nn.Module, batch: dict, optimizer, tracker: LiveStorageTracker) -> None:
-    tracker.register(model, "parameters")
-    tracker.register(batch, "inputs")
-    for param in model.parameters():
-        if param.grad is not None:
-            tracker.relabel(param.grad, "gradients")
-    # Gradients become `.grad` in AccumulateGrad; the hook labels each as it lands.
-    handles = [
-        param.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients"))
-        for param in model.parameters()
-        if param.requires_grad
-    ]
-    try:
-        with tracker:
-            with tracker.label("activations"):
-                loss = model(**batch).loss
-            with tracker.label("backward"):
-                loss.backward()
-            del loss
-            if optimizer is not None:
-                with tracker.label("optimizer"):
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-    finally:
-        for handle in handles:
-            handle.remove()
