@@ -1,10 +1,10 @@
-"""`minis plan --suggest`: the cheapest setting that fits, tried in a fixed order (src/minis/planner_suggest.py)."""
+"""`minis plan --suggest`: the cheapest setting that fits, tried in a fixed order (src/minis/planner/suggest.py)."""
 
 import pytest
 from test_planner import small_config
 
 from minis.planner import PlanError, TrainingSetup, predict_peak
-from minis.planner_suggest import candidate_setups, format_suggestion, suggest
+from minis.planner.suggest import candidate_setups, format_suggestion, suggest
 
 SEQ = 2048
 
@@ -56,3 +56,18 @@ def test_suggest_says_when_nothing_fits():
 def test_suggest_rejects_a_bad_length(seq):
     with pytest.raises(PlanError, match="--suggest needs --seq"):
         suggest(small_config(), seq, "80GiB")
+
+
+def test_the_command_line_suggests_and_rejects_what_it_cannot_answer(tmp_path, capsys):
+    from minis.cli import main
+
+    path = tmp_path / "config.json"
+    small_config(layers=4).to_json_file(path)
+    assert main(["plan", "--model", str(path), "--suggest", "--gpu-mem", "80GiB"]) == 2
+    assert "--suggest needs --seq N and --gpu-mem SIZE" in capsys.readouterr().err
+    assert main(["plan", "--model", str(path), "--suggest", "--seq", "256", "--gpu-mem", "80GiB", "--max-seq"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    assert main(["plan", "--model", str(path), "--suggest", "--seq", str(SEQ), "--gpu-mem", "80GiB"]) == 0
+    assert "suggestion: no activation checkpointing" in capsys.readouterr().out
+    assert main(["plan", "--model", str(path), "--suggest", "--seq", str(SEQ), "--gpu-mem", "1MiB"]) == 1
+    assert "none fits" in capsys.readouterr().out

@@ -23,6 +23,7 @@ Module map, in pipeline order (each file imports only from the ones above it):
   batch, and runs one step with `minis.memory.run_training_step` (`simulate_step`, `measure_fake_step_peak`).
 - `peak`: timeline -> phase peaks -> per-GPU `PeakEstimate`, extrapolated to the full depth (`predict_peak`).
 - `search`: the longest sequence that fits (`find_max_seq`).
+- `suggest`: the cheapest checkpointing/offload setting that fits a length (`suggest`, `minis plan --suggest`).
 - `report`: both variants, upstream and minis (`plan`), and the printed table (`format_report`).
 - `cli`: the command line (`build_parser`, `run`, `main`); `minis.cli` mounts it as `minis plan`.
 
@@ -34,6 +35,7 @@ from .inputs import PLANNED_MODEL_TYPES, PlanError, TrainingSetup, load_model_co
 from .peak import PeakEstimate, predict_peak
 from .report import format_report, plan
 from .search import find_max_seq
+from .suggest import format_suggestion, suggest
 from .simulate import build_model, make_batch, make_optimizer, measure_fake_step_peak, simulate_step
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "build_parser",
     "find_max_seq",
     "format_report",
+    "format_suggestion",
     "load_model_config",
     "main",
     "make_batch",
@@ -55,4 +58,5 @@ __all__ = [
     "predict_peak",
     "run",
     "simulate_step",
+    "suggest",
 ]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import re
 import sys
 
 from ..presets import PRESET_NAMES
 from .inputs import PlanError, TrainingSetup, parse_memory_size
 from .report import format_report, plan
+from .suggest import format_suggestion, suggest
 
 __all__ = ["build_parser", "main", "normalize_argv", "run"]
 
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"a preset ({', '.join(PRESET_NAMES)}) or a path to a config.json")
     parser.add_argument("--seq", type=_integer, help="tokens per sequence to predict the peak for")
     parser.add_argument("--max-seq", action="store_true", help="find the longest sequence that fits in --gpu-mem")
+    parser.add_argument("--suggest", action="store_true",
+                        help="with --seq and --gpu-mem: the cheapest checkpointing/offload setting that fits, with "
+                             "the Trainer arguments and config attributes that give it")
     parser.add_argument("--gpu-mem", help="memory of one GPU, e.g. 80GiB (GiB/GB/G/MiB...)")
     parser.add_argument("--host-mem", help="host RAM per rank for offloaded tensors, e.g. 512GiB: the report says "
                         "whether the offloaded checkpoints and optimizer state fit")
@@ -71,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Runs `minis plan` on parsed options; returns the exit code (2 for bad input, with a message naming it)."""
     try:
+        if args.suggest:
+            return _run_suggest(args)
         report = plan(args.model, seq=args.seq, max_seq=args.max_seq, gpu_mem=_size(args.gpu_mem, "--gpu-mem"),
                       setup=_setup(args), granularity=args.granularity, host_mem=args.host_mem)
     except PlanError as error:
@@ -78,6 +85,22 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
+
+
+def _run_suggest(args: argparse.Namespace) -> int:
+    if args.seq is None or args.gpu_mem is None:
+        raise PlanError("--suggest needs --seq N and --gpu-mem SIZE (the length to train and the memory of one GPU)")
+    if args.max_seq:
+        raise PlanError("--suggest and --max-seq answer different questions; give one of them")
+    result = suggest(args.model, args.seq, _size(args.gpu_mem, "--gpu-mem"), _setup(args),
+                     host_mem=_size(args.host_mem, "--host-mem"))
+    if args.json:
+        peak = result["peak"]
+        print(json.dumps({"fits": result["fits"], "name": result["name"], "setup": asdict(result["setup"]),
+                          "peak": peak.to_dict(), "tried": result["tried"], "chunks": result["chunks"]}, indent=2))
+    else:
+        print(format_suggestion(result))
+    return 0 if result["fits"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:

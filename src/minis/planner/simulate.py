@@ -52,7 +52,7 @@ def _minis_patched(model_type: str) -> Iterator[None]:
         yield
         return
     module = importlib.import_module(family.modeling_module)
-    was_patched = is_patched_method(getattr(module, family.mlp_class).forward)
+    was_patched = is_patched_method(getattr(module, family.causal_lm_class).forward)
     if not was_patched:
         patch_modeling_module(module)
     try:

@@ -1,4 +1,5 @@
-"""`minis plan --suggest`: the cheapest training setting that fits a sequence length in a GPU's memory.
+"""Stage 5b, suggestion: `minis plan --suggest`, the cheapest training setting that fits a sequence length in a GPU's
+memory.
 
 The candidates are tried from cheapest to most expensive in step time, and the first one whose predicted peak fits
 is the suggestion. The order is a documented heuristic, not a measurement:
@@ -21,8 +22,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from . import config as minis_config
-from .planner import PlanError, _ordinal, TrainingSetup, load_model_config, parse_memory_size, predict_peak
+from .. import config as minis_config
+from .inputs import PlanError, TrainingSetup, _ordinal, load_model_config, parse_memory_size
+from .peak import predict_peak
 
 __all__ = ["candidate_setups", "format_suggestion", "suggest"]
 
