@@ -33,6 +33,8 @@ from minis.planner import (
 from minis.presets import PRESET_NAMES, load_preset
 from minis.testing import tiny_config
 
+pytestmark = pytest.mark.core
+
 GiB = 1 << 30
 
 

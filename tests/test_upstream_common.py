@@ -280,7 +280,6 @@ SELECTED_TESTS = {
     "construction": [
         "test_can_be_initialized_on_meta",
         "test_can_load_with_device_context_manager",
-        "test_internal_model_config_and_subconfig_are_same",
         "test_num_layers_is_small",
     ],
 }
@@ -330,7 +329,8 @@ def _family_test_class(family_name: str):
     # not collect.
     if os.environ.get("MINIS_UPSTREAM_TESTS") != "all":
         for name in dir(common.ModelTesterMixin):
-            if name.startswith("test_") and not _is_selected(name):
+            # Only methods: `test_resize_embeddings`, `test_missing_keys` ... are the mixin's switches, not tests.
+            if name.startswith("test_") and callable(getattr(FamilyCommonTest, name)) and not _is_selected(name):
                 setattr(FamilyCommonTest, name, None)
     FamilyCommonTest.__name__ = FamilyCommonTest.__qualname__ = f"Test{causal_lm.__name__}Common"
     return FamilyCommonTest
