@@ -25,11 +25,11 @@ import unittest
 import pytest
 import torch
 from helpers import REPO_ROOT, relative_error
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 import minis
 from minis.families import FAMILIES
 from minis.testing import FAMILY_NAMES, tiny_config
-from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "utils"))
 import fetch_upstream_tests  # noqa: E402  (utils/ is not a package)
@@ -156,7 +156,8 @@ def _compare_parameter_gradients(model, family_name, minis_forward, upstream_for
         what = f"{family_name} gradient of {names[id(parameter)]}"
         if got_grad is None or expected_grad is None:
             if (got_grad is None) != (expected_grad is None):
-                raise ShadowMismatch(f"{what}: minis gives {got_grad is not None}, upstream {expected_grad is not None}")
+                minis_has, upstream_has = ("no", "a") if got_grad is None else ("a", "no")
+                raise ShadowMismatch(f"{what}: minis gives {minis_has} gradient, upstream {upstream_has} gradient")
             continue
         _compare(what, got_grad, expected_grad)
 

@@ -8,7 +8,7 @@ it takes the source distribution of the *installed* transformers version from Py
 --no-binary :all: transformers==VERSION`, about 10 MB; `--sdist` uses a file already on disk) and extracts the few
 common test modules listed in `COMMON_MODULES` into
 
-    <MINIS_UPSTREAM_TESTS_DIR, default .upstream-tests/ in this checkout>/transformers-VERSION/transformers_common_tests/
+    $MINIS_UPSTREAM_TESTS_DIR/transformers-VERSION/transformers_common_tests/   (default: .upstream-tests/ here)
 
 (a package of its own: the modules import each other relatively). The sdist holds `tests/*.py` only, not
 `tests/models/`, `tests/generation/` nor `tests/exporters/`; `test_modeling_common.py` imports a mixin from each of
@@ -127,7 +127,8 @@ def extract(sdist: str, version: str) -> str:
         members = {member.name: member for member in archive.getmembers() if member.isfile()}
         absent = [name for name in COMMON_MODULES if prefix + name not in members]
         if absent:
-            raise SystemExit(f"{sdist} has no {', '.join(prefix + name for name in absent)}: is it transformers {version}?")
+            missing = ", ".join(prefix + name for name in absent)
+            raise SystemExit(f"{sdist} has no {missing}: is it the sdist of transformers {version}?")
         for name in COMMON_MODULES:
             # Read and write the bytes ourselves: no path from the archive decides where a file goes.
             with open(os.path.join(package_dir, name), "wb") as out:
