@@ -28,7 +28,7 @@ from helpers import REPO_ROOT, relative_error
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 import minis
-from minis.families import FAMILIES
+from minis.families import FAMILIES, TINY_COMMON
 from minis.testing import FAMILY_NAMES, tiny_config
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "utils"))
@@ -277,7 +277,8 @@ SELECTED_TESTS = {
         "test_config_attn_implementation_setter",
         "test_sliding_window_mask",
     ],
-    # Construction paths minis' _from_config and config attributes must not break.
+    # Construction paths minis' _from_config and config attributes must not break (and `test_config`, ours, runs
+    # transformers' ConfigTester).
     "construction": [
         "test_can_be_initialized_on_meta",
         "test_can_load_with_device_context_manager",
@@ -325,6 +326,15 @@ def _family_test_class(family_name: str):
 
         def tearDown(self):
             self._shadow.__exit__(None, None, None)
+
+        def test_config(self):
+            """transformers' `ConfigTester` on the family's config class, with minis' config attributes set too:
+            they must survive JSON, `save_pretrained`/`from_pretrained` and keyword overrides like upstream's."""
+            config_common = importlib.import_module(f"{fetch_upstream_tests.PACKAGE}.test_configuration_common")
+            config_class = type(self.model_tester.get_config())
+            minis_settings = {"use_mini_sequence": True, "mini_sequence_chunk_size": 7}
+            kwargs = {**TINY_COMMON, **family.tiny_config, **minis_settings}
+            config_common.ConfigTester(self, config_class=config_class, **kwargs).run_common_tests()
 
     # Only the selected tests (all with MINIS_UPSTREAM_TESTS=all): the others are set to None, which unittest does
     # not collect.
