@@ -10,7 +10,8 @@ no `causal_lm_tester.py`), the choice of tests (`SELECTED_TESTS`, with why), and
 (`upstream_shadow`): while a test runs, every call of a patched MLP `forward` and every chunked causal-LM loss also
 runs upstream's code on the same inputs (same random state) and must agree within `TOLERANCE`. So upstream's
 scenarios (save and reload, resized embeddings, activation checkpointing, attention implementations, dtypes,
-`inputs_embeds`, `shift_labels`, batching) become equivalence checks of minis, not only "does not crash" checks.
+`inputs_embeds`, batching) become equivalence checks of minis, not only "does not crash" checks. `test_config` (ours)
+runs transformers' `ConfigTester` on each family's config class with minis' settings set.
 """
 
 from __future__ import annotations
@@ -222,9 +223,10 @@ class FamilyModelTester:
 
 # The `ModelTesterMixin` tests run per family, grouped by why they matter to minis. The others are left out:
 # vision/audio/video/MoE/encoder-decoder/multimodal tests (they skip for a decoder-only text model), flash attention,
-# multi-GPU, disk/CPU offload and DeepSpeed tests (need a GPU or a hub model), tensor-parallel plans, RoPE variants and
-# weight-init/loading-machinery tests (minis changes no parameter, buffer, init or key), and torch.compile tests (minis
-# runs unchunked under compile; minutes each on 2 cores).
+# multi-GPU, disk/CPU offload and DeepSpeed tests (they need an accelerator), tensor-parallel plans, RoPE variants and
+# weight-init/loading-machinery tests (minis changes no parameter, buffer, init or key), torch.compile tests (minis
+# runs unchunked under compile; minutes each on 2 cores), and `test_generation_tester_mixin_inheritance` (it asks
+# for `GenerationTesterMixin`, which the sdist lacks). docs/testing.md has the table.
 SELECTED_TESTS = {
     # Training: the chunked loss and MLP backward, with activation checkpointing in every mode.
     "training": [
@@ -236,7 +238,8 @@ SELECTED_TESTS = {
         "test_enable_input_require_grads_with_gradient_checkpointing",
         "test_retain_grad_hidden_states_attentions",
     ],
-    # The loss: shift_labels must replace labels in minis' chunked loss too.
+    # The loss: shift_labels must replace labels (upstream checks it in eval, where minis keeps upstream's head;
+    # tests/test_models.py checks minis' chunked loss with shift_labels).
     "loss": ["test_causal_lm_loss_honors_shift_labels"],
     # Outputs the chunked MLP must keep: batch rows independent, deterministic, same through every output path.
     "outputs": [
@@ -315,8 +318,6 @@ def _family_test_class(family_name: str):
 
     class FamilyCommonTest(common.ModelTesterMixin, unittest.TestCase):
         all_model_classes = (causal_lm, base_model)
-        # Upstream's Gemma-2 tests turn this off too: its tests default to eager attention and ask for SDPA.
-        _minis_family = family_name
 
         def setUp(self):
             minis.enable()
