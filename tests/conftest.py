@@ -39,7 +39,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 # Marks that transformers' common tests (tests/test_upstream_common.py) put on some of theirs; transformers registers
 # them in its own conftest, which its sdist does not ship. Registered here, they do not warn.
-UPSTREAM_MARKS = ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test")
+UPSTREAM_MARKS = (
+    "accelerate_tests",
+    "flash_attn_test",
+    "flash_attn_3_test",
+    "flash_attn_4_test",
+    "torch_compile_test",
+    "torch_export_test",
+)
 
 
 def pytest_configure(config):
