@@ -99,9 +99,13 @@ def fix_command() -> str:
 
 
 def download_sdist(version: str, destination: str) -> str:
-    """Downloads transformers==`version`'s sdist into `destination` with pip; returns its path."""
+    """Downloads transformers==`version`'s sdist into `destination` with pip; returns its path.
+
+    pip prepares the sdist's metadata before it saves the file, in an isolated build environment (a venv without
+    setuptools, as Python 3.12 makes them, could not do it in place).
+    """
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
         "--retries", "1", "--dest", destination, f"transformers=={version}",
     ]  # fmt: skip
     print("fetching transformers' tests:", " ".join(command[2:]), flush=True)
