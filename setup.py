@@ -65,7 +65,8 @@ with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
     long_description = readme.read()
 
 extras = {
-    "test": ["pytest>=7", "tokenizers>=0.20", "accelerate>=1.0", "peft>=0.13", "trl>=0.20", "tqdm"],
+    "test": ["pytest>=7", "tokenizers>=0.20", "accelerate>=1.0", "peft>=0.13", "trl>=0.20", "tqdm",
+             "parameterized"],  # imported by transformers' common model tests (tests/test_upstream_common.py)
     "demo": ["accelerate>=1.1"],
     "plot": ["matplotlib>=3.7"],
     "flash": ["flash-attn>=2.6"],

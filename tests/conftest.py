@@ -37,6 +37,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"FAILED: {built} were built in TORCH_EXTENSIONS_DIR; no test may compile")
 
 
+# Marks that transformers' common tests (tests/test_upstream_common.py) put on some of theirs; transformers registers
+# them in its own conftest, which its sdist does not ship. Registered here, they do not warn.
+UPSTREAM_MARKS = (
+    "accelerate_tests",
+    "flash_attn_test",
+    "flash_attn_3_test",
+    "flash_attn_4_test",
+    "torch_compile_test",
+    "torch_export_test",
+)
+
+
+def pytest_configure(config):
+    for mark in UPSTREAM_MARKS:
+        config.addinivalue_line("markers", f"{mark}: a mark of transformers' common tests")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,4 +1,7 @@
-"""Helpers shared by the framework tests (Trainer, TRL, PEFT, LongLoRA script, distributed)."""
+"""What the framework tests (Trainer, TRL, PEFT, LongLoRA script, distributed) share beyond `helpers`: a small
+tokenizer and token data, `TrainingArguments` for minis-on/off comparisons, spies on minis' chunked calls and
+collectives, and the launcher of multi-process ranks. The numeric comparisons every test uses live in `helpers`
+(re-exported here for the framework tests that import them from this module)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import socket
 import pytest
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO_ROOT, max_relative_difference  # noqa: F401  (re-exported)
+
 TOKENIZER_VOCAB = 320  # byte-level BPE: 256 bytes, 3 special tokens and a few merges
 
 
@@ -140,17 +144,6 @@ def comparison_args(output_dir, **overrides) -> dict:
     }
 
 
-def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Largest, over the tensors of two same-keyed dicts, of max|a - b| / max|b| (0 for equal dicts)."""
-    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-    worst = 0.0
-    for key in a:
-        x, y = a[key].detach().float(), b[key].detach().float()
-        # max(0.0, nan) is 0.0 in Python: a non-finite tensor would otherwise pass every comparison.
-        assert torch.isfinite(x).all() and torch.isfinite(y).all(), f"{key} holds NaN or inf"
-        scale = y.abs().max().item() or 1.0
-        worst = max(worst, (x - y).abs().max().item() / scale)
-    return worst
 
 
 def free_port() -> int:

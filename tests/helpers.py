@@ -1,4 +1,7 @@
-"""Helpers shared by the tests."""
+"""Helpers shared by the tests: a fresh interpreter, relative errors, one minis-on/off training step.
+
+The framework tests' own needs (tokenizer, datasets, spies, launching ranks) are in `framework_helpers`.
+"""
 
 import os
 import subprocess
@@ -18,6 +21,24 @@ def run_python(code: str, env: dict | None = None, timeout: int = 300) -> subpro
 def relative_error(actual, expected) -> float:
     """max|actual - expected| / max|expected|, in float64."""
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def max_relative_difference(actual: dict, expected: dict) -> float:
+    """The largest `relative_error` over the tensors of two dicts with the same keys (0.0 for equal dicts).
+
+    An all-zero expected tensor (a state dict can hold one) is compared absolutely: max|actual - expected|.
+    """
+    assert actual.keys() == expected.keys(), sorted(set(actual) ^ set(expected))
+    worst = 0.0
+    for key, reference in expected.items():
+        # max(0.0, nan) is 0.0 in Python: a non-finite tensor would otherwise pass every comparison.
+        assert actual[key].isfinite().all() and reference.isfinite().all(), f"{key} holds NaN or inf"
+        if reference.abs().max() == 0:
+            error = (actual[key].double() - reference.double()).abs().max().item()
+        else:
+            error = relative_error(actual[key], reference)
+        worst = max(worst, error)
+    return worst
 
 
 def training_step(model, minis_on: bool, **batch):

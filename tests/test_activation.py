@@ -12,6 +12,8 @@ from minis.testing import tiny_model
 
 from helpers import run_python
 
+pytestmark = pytest.mark.core
+
 TINY_LLAMA = textwrap.dedent(
     """
     import torch

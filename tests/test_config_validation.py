@@ -11,6 +11,8 @@ from minis.testing import tiny_config, tiny_model
 
 from helpers import run_python
 
+pytestmark = pytest.mark.core
+
 BAD_VALUES = [
     ("mini_sequence_chunk_size", 0, r"config\.mini_sequence_chunk_size must be a positive int .* got 0"),
     ("mini_sequence_loss_chunk_size", -3, r"config\.mini_sequence_loss_chunk_size must be a positive int .* got -3"),

@@ -1,5 +1,7 @@
-"""utils/ensure_installed.py: when `make demo` / `make test` call pip, checked on fake installed metadata."""
+"""utils/ensure_installed.py: when `make demo` / `make test` call pip, checked on fake installed metadata; and
+utils/fetch_upstream_tests.py: what it extracts from a transformers sdist, checked on a fake one."""
 
+import importlib
 import json
 import os
 import sys
@@ -10,6 +12,7 @@ from helpers import REPO_ROOT
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "utils"))
 import ensure_installed  # noqa: E402
+import fetch_upstream_tests  # noqa: E402
 
 
 def fake_install(tmp_path, requires=("torch>=2.4",), extras=("test",), url=None, editable=True, record_extra=()):
@@ -100,3 +103,70 @@ def test_an_installed_torch_is_never_touched(monkeypatch):
 
     monkeypatch.setattr(ensure_torch.subprocess, "call", lambda command: pytest.fail(f"pip was called: {command}"))
     assert ensure_torch.main() == 0
+
+
+def fake_sdist(tmp_path, version="9.9.9", modules=fetch_upstream_tests.COMMON_MODULES):
+    """A transformers-`version`.tar.gz holding `modules` under tests/ (each defines MARK = its name)."""
+    import io
+    import tarfile
+
+    path = tmp_path / f"transformers-{version}.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        for name in [*modules, "models/llama/test_modeling_llama.py"]:
+            data = f"MARK = {name!r}\n".encode()
+            info = tarfile.TarInfo(f"transformers-{version}/tests/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_upstream_tests_are_extracted_with_stand_ins_for_what_the_sdist_lacks(tmp_path, monkeypatch):
+    monkeypatch.setenv(fetch_upstream_tests.ROOT_VARIABLE, str(tmp_path / "cache"))
+    monkeypatch.setattr(fetch_upstream_tests, "installed_transformers_version", lambda: "9.9.9")
+    assert not fetch_upstream_tests.is_complete("9.9.9")
+    assert fetch_upstream_tests.main(["--sdist", str(fake_sdist(tmp_path))]) == 0
+    package = tmp_path / "cache" / "transformers-9.9.9" / fetch_upstream_tests.PACKAGE
+    assert fetch_upstream_tests.is_complete("9.9.9")
+    assert sorted(p.name for p in package.glob("test_*.py")) == sorted(fetch_upstream_tests.COMMON_MODULES)
+    assert not (package / "models").exists(), "only the common modules are extracted"
+    sys.path.insert(0, str(package.parent))
+    try:
+        stand_in = importlib.import_module
+        assert isinstance(stand_in("transformers_common_tests.exporters.test_export").ExportTesterMixin, type)
+        assert isinstance(stand_in("transformers_common_tests.generation.test_utils").GenerationTesterMixin, type)
+        common_kwargs = stand_in("transformers_common_tests.utils.test_configuration_utils").config_common_kwargs
+        assert common_kwargs["return_dict"] is False
+    finally:
+        sys.path.remove(str(package.parent))
+        for name in [name for name in sys.modules if name.startswith("transformers_common_tests")]:
+            del sys.modules[name]
+    # A complete folder is left alone (no download); --force extracts again.
+    monkeypatch.setattr(fetch_upstream_tests, "download_sdist", lambda *a: pytest.fail("downloaded again"))
+    (package / "test_modeling_common.py").write_text("edited")
+    assert fetch_upstream_tests.main([]) == 0
+    assert (package / "test_modeling_common.py").read_text() == "edited"
+    fetch_upstream_tests.main(["--force", "--sdist", str(fake_sdist(tmp_path))])
+    assert "MARK" in (package / "test_modeling_common.py").read_text()
+
+
+def test_an_sdist_without_the_common_tests_is_refused_and_leaves_nothing_complete(tmp_path, monkeypatch):
+    monkeypatch.setenv(fetch_upstream_tests.ROOT_VARIABLE, str(tmp_path / "cache"))
+    monkeypatch.setattr(fetch_upstream_tests, "installed_transformers_version", lambda: "9.9.9")
+    with pytest.raises(SystemExit, match="has no transformers-9.9.9/tests/test_training_mixin.py"):
+        fetch_upstream_tests.main(["--sdist", str(fake_sdist(tmp_path, modules=("test_modeling_common.py",
+                                                                                "test_configuration_common.py")))])
+    assert not fetch_upstream_tests.is_complete("9.9.9")
+    with pytest.raises(SystemExit, match="is not a file"):
+        fetch_upstream_tests.main(["--sdist", str(tmp_path / "nowhere.tar.gz")])
+
+
+def test_a_failed_download_names_pip_output_and_the_offline_way(tmp_path, monkeypatch):
+    class Failed:
+        returncode = 1
+        stdout = "ERROR: Could not find a version that satisfies the requirement transformers==9.9.9"
+
+    monkeypatch.setattr(fetch_upstream_tests.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(SystemExit) as raised:
+        fetch_upstream_tests.download_sdist("9.9.9", str(tmp_path))
+    message = str(raised.value)
+    assert "pip exited 1" in message and "Could not find a version" in message and "--sdist PATH" in message

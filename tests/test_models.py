@@ -8,6 +8,8 @@ import minis
 from minis.families import FAMILIES
 from minis.testing import FAMILY_NAMES, tiny_model
 
+pytestmark = pytest.mark.core
+
 SEQ = 50
 
 

@@ -15,6 +15,8 @@ from minis.ops import (
     mini_sequence_mlp,
 )
 
+pytestmark = pytest.mark.core
+
 
 class GatedMLP(nn.Module):
     def __init__(self, hidden=16, intermediate=48, dropout=0.0, bias=True):

@@ -33,6 +33,8 @@ from minis.planner.simulate import _minis_patched, _sim_config, step_arguments
 from minis.presets import PRESET_NAMES, load_preset
 from minis.testing import tiny_config, tiny_model
 
+pytestmark = pytest.mark.core
+
 GiB = 1 << 30
 
 
