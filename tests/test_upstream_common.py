@@ -172,18 +172,17 @@ def _compare_parameter_gradients(model, family_name, minis_forward, upstream_for
 
 @contextlib.contextmanager
 def upstream_shadow(family_name: str):
-    """While active, `family_name`'s patched MLP and causal-LM forwards are checked against upstream's on every call:
-    MLP outputs, chunked losses and, for a chunked loss under autograd, every parameter's gradient.
+    """While active, `family_name`'s patched MLP (or MoE experts) and causal-LM forwards are checked against upstream's
+    on every call: MLP and experts outputs, chunked losses and, for a chunked loss under autograd, every parameter's gradient.
 
     The wrappers keep `_minis_upstream`, so `minis.enable()` sees the family as patched and `minis.disable()` would
     still restore upstream's methods.
     """
     family = FAMILIES[family_name]
     modeling = importlib.import_module(family.modeling_module)
-    classes = {
-        getattr(modeling, family.mlp_class): _shadowed_mlp_forward,
-        getattr(modeling, family.causal_lm_class): _shadowed_causal_lm_forward,
-    }
+    # The dense MLP and/or the MoE experts (their forward takes the routing as extra arguments), and the causal LM.
+    classes = {getattr(modeling, name): _shadowed_mlp_forward for name in family.chunked_classes}
+    classes[getattr(modeling, family.causal_lm_class)] = _shadowed_causal_lm_forward
     originals = {}
     for cls, shadow in classes.items():
         forward = cls.__dict__["forward"]
@@ -342,6 +341,9 @@ def _family_test_class(family_name: str):
             config_class = type(self.model_tester.get_config())
             minis_settings = {"use_mini_sequence": True, "mini_sequence_chunk_size": 7}
             kwargs = {**TINY_COMMON, **family.tiny_config, **minis_settings}
+            # The canonical names: ConfigTester looks each keyword up in the saved JSON, which holds
+            # `num_local_experts`, not the alias `num_experts` (Qwen3-MoE's and Mixtral's attribute_map).
+            kwargs = {config_class.attribute_map.get(key, key): value for key, value in kwargs.items()}
             config_common.ConfigTester(self, config_class=config_class, **kwargs).run_common_tests()
 
     # Only the selected tests (all with MINIS_UPSTREAM_TESTS=all): the others are set to None, which unittest does
