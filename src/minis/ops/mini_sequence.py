@@ -536,11 +536,6 @@ def _accumulate(accumulators: list[torch.Tensor | None], chunk_param_grads: Sequ
             continue
         if accumulators[slot] is None:
             accumulators[slot] = grad.to(_accumulation_dtype(grad.dtype))
-        elif grad.device.type == "cpu" and grad.dtype != accumulators[slot].dtype:
-            # The CPU's add_ converts a narrower operand into a temporary inside the kernel, where memory
-            # accounting by dispatch (`minis.memory`, the planner) cannot see it; converting here costs the same
-            # and is seen. CUDA adds mixed dtypes without a temporary.
-            accumulators[slot].add_(grad.to(accumulators[slot].dtype))
         else:
             accumulators[slot].add_(grad)
 
