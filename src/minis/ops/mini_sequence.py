@@ -182,12 +182,13 @@ class _ChunkInput(torch.autograd.Function):
 
 class _ChunkOutput(torch.autograd.Function):
     """The root of a chunk's kept graph: a 0-dim stand-in for the chunk's output, so that the output's storage is
-    not kept. Its backward hands the graph the output's gradient, put in `slot.value` just before."""
+    not kept. Its backward hands the graph the output's gradient, put in `slot.value` just before, and never reads
+    the gradient it receives (nor its own value: it is left uninitialized, which launches no kernel)."""
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, slot: _GradientSlot) -> torch.Tensor:
         ctx.slot = slot
-        return output.new_zeros(())
+        return output.new_empty(())
 
     @staticmethod
     def backward(ctx, _unused: torch.Tensor):
@@ -520,7 +521,8 @@ def _kept_graph_backward(
         if needs_x:
             chunk.input_grad.value = grad_x.narrow(run.seq_dim, chunk.start, length)
         run.refill_saved_tensors(ctx, x, chunk)
-        grads = torch.autograd.grad(chunk.root, wanted, allow_unused=True)
+        # Any 0-dim tensor serves as the stand-in's gradient (unread); the stand-in itself launches no fill.
+        grads = torch.autograd.grad(chunk.root, wanted, grad_outputs=chunk.root, allow_unused=True)
         _, chunk_param_grads = _split_chunk_gradients(grads, needs_x, param_needs)
         _accumulate(accumulators, chunk_param_grads)
         chunk.root = chunk.store = chunk.input_grad = chunk.output_grad = None
