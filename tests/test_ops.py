@@ -167,6 +167,99 @@ def test_parameters_are_restored_after_backward():
     assert all(isinstance(param, nn.Parameter) for param in after.values())
 
 
+def test_checkpointed_chunk_graphs_keep_neither_the_input_nor_the_chunk_outputs():
+    """The forward keeps each chunk's graph, not its tensors: under non-reentrant checkpointing the MLP's input
+    (made inside the checkpointed layer) and every chunk's output are freed before the backward."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    mlp = GatedMLP()
+    storages = []
+    recording = mlp.down_proj.register_forward_hook(
+        lambda module, args, out: storages.append(StorageWeakRef(out.untyped_storage())))
+
+    def layer(t, chunked):
+        h = t * 2.0  # the MLP input: checkpointing frees it after the forward unless something holds it
+        if chunked:
+            storages.append(StorageWeakRef(h.untyped_storage()))
+            return t + mini_sequence_mlp(mlp.forward, h, module=mlp, num_chunks=4)
+        return t + mlp(h)
+
+    x = torch.randn(2, 13, 16)
+    ref = run_and_grads(lambda t: checkpoint(layer, t, False, use_reentrant=False), mlp, x)
+
+    def chunked(t):
+        storages.clear()
+        out = checkpoint(layer, t, True, use_reentrant=False)
+        recording.remove()
+        gc.collect()
+        assert len(storages) == 5 and all(ref.expired() for ref in storages)
+        return out
+
+    assert_same_results(run_and_grads(chunked, mlp, x), ref)
+
+
+def test_a_second_backward_through_a_retained_graph_recomputes():
+    """The first backward uses up the forward's chunk graphs; the second recomputes the chunks whole."""
+    torch.manual_seed(0)
+    mlp = GatedMLP()
+    x = torch.randn(2, 13, 16)
+
+    def twice(fn):
+        mlp.zero_grad(set_to_none=True)
+        t = x.clone().requires_grad_(True)
+        out = fn(t).square().sum()
+        out.backward(retain_graph=True)
+        out.backward()
+        return t.grad, {name: p.grad.clone() for name, p in mlp.named_parameters()}
+
+    expected = twice(mlp)
+    got = twice(lambda t: mini_sequence_mlp(mlp.forward, t, module=mlp, num_chunks=3))
+    assert relative_error(got[0], expected[0]) < 1e-6
+    for name in expected[1]:
+        assert relative_error(got[1][name], expected[1][name]) < 1e-5, name
+
+
+def test_a_recompute_that_saves_other_tensors_than_the_forward_raises():
+    mlp = GatedMLP()
+    calls = []
+
+    def changing(t):
+        calls.append(1)
+        h = mlp.up_proj(t)
+        # From the second call of the first chunk on (the backward's recompute), one more op saves its input.
+        return mlp.down_proj(h.exp() if len(calls) > 3 else h)
+
+    out = mini_sequence_mlp(changing, torch.randn(2, 9, 16, requires_grad=True), module=mlp, num_chunks=3)
+    with pytest.raises(RuntimeError, match="saved different tensors than its forward did"):
+        out.sum().backward()
+
+
+class QuantizedLikeParameter(nn.Parameter):
+    """A parameter type from outside torch, as quantization libraries define (bitsandbytes' `Params4bit`)."""
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_recompute_stops_inside_down_proj_unless_a_parameter_is_a_library_type(quantized):
+    """With kept chunk graphs the backward's recompute stops inside `down_proj`: its forward hook fires in the
+    forward only. A module with a parameter type from outside torch (whose autograd functions may keep tensors on
+    `ctx`, out of the saved-tensor hooks' reach) takes the two-pass path: the backward reruns each chunk whole."""
+    torch.manual_seed(0)
+    mlp = GatedMLP()
+    x = torch.randn(2, 13, 16)
+    ref = run_and_grads(mlp, mlp, x)
+    if quantized:
+        mlp.up_proj.weight = QuantizedLikeParameter(mlp.up_proj.weight.detach())
+    calls = []
+    mlp.down_proj.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[-2]))
+    got = run_and_grads(lambda t: mini_sequence_mlp(mlp.forward, t, module=mlp, num_chunks=4), mlp, x)
+    assert_same_results(got, ref)
+    assert calls == [3, 3, 3, 4] * (2 if quantized else 1)
+
+
 @pytest.mark.parametrize(("softcap", "scaling"), [(None, None), (5.0, None), (None, 8.0)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunking", [{"num_chunks": 6}, {"chunk_size": 7}])

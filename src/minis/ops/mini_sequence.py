@@ -1,20 +1,33 @@
 """Mini-sequence execution: run a module's function over chunks of the sequence, forward and backward.
 
-The forward runs each chunk without building an autograd graph and keeps only the input. The backward runs each
-chunk again with autograd on, gets that chunk's input and parameter gradients with `torch.autograd.grad`, and
-frees the chunk's graph before the next one; so the forward and the backward both hold one chunk's intermediates
-at a time, never the whole sequence's.
+The forward runs each chunk with autograd on but keeps none of the tensors the chunk's graph saves: a saved-tensors
+pack hook drops them and leaves a placeholder, so the forward holds one chunk's intermediates at a time, never the
+whole sequence's, and keeps each chunk's (tensor-free) autograd graph. The backward refills the saved tensors of
+one chunk at a time by recomputing the chunk only as far as the last tensor its graph saved, then runs that chunk's
+kept graph with `torch.autograd.grad` and frees it before the next one.
+
+Why stop the recompute early: a chunk's backward needs the *inputs* of its ops, not the output of its last one.
+For a transformer MLP the last saved tensors are `down_proj`'s (its input `act(gate) * up` and its weight), saved
+before `down_proj`'s matmul runs, so the recompute stops there: the backward reruns `gate_proj` and `up_proj`, as
+upstream's activation-checkpointing recompute does, and never `down_proj`. Adapters on `down_proj` (LoRA, DoRA)
+need nothing special: whatever they save is recomputed, and their gradients come out of the kept graph.
 
 Why parameter gradients are returned, not accumulated: the module's parameters are inputs of the autograd
 function, and the backward returns their gradient summed over all chunks. Autograd then accumulates each
 parameter's gradient once, as it would without chunking, so every gradient hook (DDP's reducer, FSDP2's
-reduce-scatter, ZeRO's partitioning, a user's `register_hook`) fires exactly once with the full gradient. During
-the recompute the module sees detached aliases of its parameters, so no hook on the real parameter ever sees a
-partial, per-chunk gradient.
+reduce-scatter, ZeRO's partitioning, a user's `register_hook`) fires exactly once with the full gradient. The
+chunks run on detached aliases of the parameters, whose gradients `torch.autograd.grad` captures, so no hook on
+the real parameter ever sees a partial, per-chunk gradient.
 
 Why fp32 accumulation: summing per-chunk bf16 gradients in bf16 rounds once per chunk. The per-chunk gradients are
 summed in fp32 and rounded to the parameter's dtype once, which keeps the result within bf16 rounding of the
 unchunked gradient.
+
+Where the chunks run twice in full instead: DeepSpeed ZeRO-3 (its module hooks gather parameters, so the backward
+recomputes each chunk on the real parameters), functorch transforms, a `create_graph` backward (it needs
+differentiable gradients, see `_differentiable_backward`) and a second backward through a retained graph (the kept
+graphs are used up by the first): the forward then runs each chunk under `no_grad` and the backward recomputes it
+whole. The LM-head loss takes its chunks' gradients in the forward (`gradients_in_forward`).
 """
 
 from __future__ import annotations
@@ -66,6 +79,17 @@ def _trainable_parameters(module: nn.Module) -> list[tuple[nn.Module, str, nn.Pa
     return found
 
 
+def _has_only_torch_parameters(module: nn.Module) -> bool:
+    """Whether every parameter of `module` is a torch tensor type (plain, DTensor, fake), not a quantization
+    library's (bitsandbytes' `Params4bit`, torchao's tensor subclasses).
+
+    Kept chunk graphs rely on every saved tensor going through saved-tensor hooks. Quantized linears' autograd
+    functions may keep their input on `ctx` instead (bitsandbytes' `MatMul4Bit` does), which would keep every
+    chunk's input of every such projection until the backward: such modules get the two-pass path.
+    """
+    return all(type(param).__module__.split(".")[0] == "torch" for param in module.parameters())
+
+
 @contextlib.contextmanager
 def _parameters_swapped(
     slots: Sequence[tuple[nn.Module, str, nn.Parameter]], aliases: Sequence[torch.Tensor]
@@ -79,6 +103,113 @@ def _parameters_swapped(
     finally:
         for (owner, name, _), original in zip(slots, originals):
             owner._parameters[name] = original
+
+
+class _RecomputeDone(Exception):
+    """Raised by the refilling pack hook once a chunk's recompute has saved every tensor its kept graph needs."""
+
+
+class _SavedTensorStore:
+    """The saved tensors of one chunk's kept graph: dropped in the forward, refilled in the backward.
+
+    The forward's pack hook (`drop`) records each saved tensor's shape and dtype and gives the graph its index
+    instead of the tensor. The backward's recompute saves the same tensors in the same order; its pack hook
+    (`refill`) keeps them and stops the recompute after the last one. The graph's unpack hook (`saved`) then hands
+    them out. The store holds no reference to the graph, so the graph's hooks and the store form no cycle.
+    """
+
+    def __init__(self) -> None:
+        self.metadata: list[tuple[torch.Size, torch.dtype]] = []
+        self.refilled: list[torch.Tensor] | None = None
+
+    def drop(self, tensor: torch.Tensor) -> int:
+        self.metadata.append((tensor.shape, tensor.dtype))
+        return len(self.metadata) - 1
+
+    def refill(self, tensor: torch.Tensor) -> None:
+        # Detached, so that the recompute's own graph is freed as soon as the recompute stops.
+        self.refilled.append(tensor.detach() if tensor.requires_grad else tensor)
+        if len(self.refilled) == len(self.metadata):
+            raise _RecomputeDone
+
+    def saved(self, index: int) -> torch.Tensor:
+        if self.refilled is None:
+            raise RuntimeError("minis: a mini-sequence chunk's graph was used before its saved tensors were recomputed")
+        return self.refilled[index]
+
+    def check_refilled(self) -> None:
+        """Raises when the recompute did not save what the forward saved (a chunk function whose ops depend on
+        something other than its inputs, parameters and dropout masks)."""
+        got = [(t.shape, t.dtype) for t in self.refilled]
+        if got != self.metadata:
+            differ = [i for i, (a, b) in enumerate(zip(got, self.metadata)) if a != b]
+            raise RuntimeError(
+                "minis: recomputing a mini-sequence chunk saved different tensors than its forward did (forward: "
+                f"{len(self.metadata)}, recompute: {len(got)}; first different shape or dtype at index "
+                f"{differ[0] if differ else min(len(got), len(self.metadata))}); the chunk function must do the "
+                "same ops on every call with the same inputs"
+            )
+
+
+class _GradientSlot:
+    """A tensor handed to a kept graph's boundary node at backward time; held apart from the graph (no cycle)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+
+class _ChunkInput(torch.autograd.Function):
+    """A chunk of the detached input, made differentiable without a leaf.
+
+    A leaf would be held by its graph's `AccumulateGrad` node, and with it the storage of the whole input (the
+    layer's input under activation checkpointing, which checkpointing would otherwise free). The gradient reaching
+    this node is copied into `slot.value`, the chunk's slice of the input's gradient buffer; `anchor`, an empty
+    tensor that requires grad, is what `torch.autograd.grad` is asked for so that this node runs.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, chunk: torch.Tensor, slot: _GradientSlot) -> torch.Tensor:
+        ctx.slot = slot
+        return chunk.view_as(chunk)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.slot.value.copy_(grad)
+        return None, None, None
+
+
+class _ChunkOutput(torch.autograd.Function):
+    """The root of a chunk's kept graph: a 0-dim stand-in for the chunk's output, so that the output's storage is
+    not kept. Its backward hands the graph the output's gradient, put in `slot.value` just before, and never reads
+    the gradient it receives (nor its own value: it is left uninitialized, which launches no kernel)."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, slot: _GradientSlot) -> torch.Tensor:
+        ctx.slot = slot
+        return output.new_empty(())
+
+    @staticmethod
+    def backward(ctx, _unused: torch.Tensor):
+        return ctx.slot.value, None
+
+
+class _KeptChunk:
+    """One chunk's autograd graph from the forward (`root`, or None when the chunk's output needs no gradient),
+    with its saved tensors in `store`."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start = start
+        self.stop = stop
+        self.store = _SavedTensorStore()
+        self.root: torch.Tensor | None = None
+        self.input_grad = _GradientSlot()
+        self.output_grad = _GradientSlot()
+
+
+def _never_unpacked(_unused):
+    raise RuntimeError("minis: the graph of a mini-sequence chunk's recompute is never differentiated")
 
 
 class _ChunkedRun:
@@ -108,6 +239,12 @@ class _ChunkedRun:
         self.precomputed: tuple[torch.Tensor | None, list[torch.Tensor | None]] | None = None
         self.input_node = None  # the `_SaveInput` node holding the input, when the input needs a gradient
         self.seq_len = bounds[-1][1] if bounds else 0
+        # The forward builds each chunk's graph without its saved tensors (see the module docstring); set by
+        # `mini_sequence_apply` where that path applies.
+        self.keep_graphs = False
+        self.kept: list[_KeptChunk] | None = None
+        self.aliases: list[torch.Tensor] = []  # the parameters' stand-ins in the kept graphs
+        self.anchor: torch.Tensor | None = None  # what `autograd.grad` asks for to get the input's gradient
 
     def chunk_inputs(self, x: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
         return [t.narrow(self.seq_dim, start, stop - start) for t in (x, *self.extras)]
@@ -123,6 +260,7 @@ class _ChunkedRun:
         """Runs every chunk; `params`, when given, stand in for the module's parameters (functorch passes
         unwrapped ones). An unreplayable random op puts the generators back as they were before it raises."""
         precompute = params is not None and self.gradients_in_forward
+        x_requires_grad = x.requires_grad
         if precompute:
             needs_x = x.requires_grad
             param_needs = [param.requires_grad for param in params]
@@ -130,6 +268,8 @@ class _ChunkedRun:
         # (FlopCounterMode's module tracker) from meeting views that require grad but have no grad_fn.
         x = x.detach()
         try:
+            if params is not None and self.keep_graphs and not precompute:
+                return self._reduce(self._forward_keeping_graphs(x, needs_x=x_requires_grad, params=params))
             if precompute:
                 with torch.enable_grad():
                     total, grad_x, accumulators = _gradients_over_chunks(
@@ -147,12 +287,62 @@ class _ChunkedRun:
             if self.rng_snapshot is not None:
                 self.rng_snapshot.restore()
             raise
+        return self._reduce(outputs)
+
+    def _reduce(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         if self.reduce == "sum":
             total = outputs[0]
             for value in outputs[1:]:
                 total = total + value
             return total
         return torch.cat(outputs, dim=self.seq_dim)
+
+    def _forward_keeping_graphs(
+        self, x: torch.Tensor, *, needs_x: bool, params: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Runs each chunk with autograd on, keeping its graph but none of the tensors the graph saves."""
+        self.aliases = [param.detach().requires_grad_(param.requires_grad) for param in params]
+        self.anchor = x.new_empty(0).requires_grad_() if needs_x else None
+        self.kept = []
+        outputs = []
+        with _parameters_swapped(self.slots, self.aliases), torch.enable_grad():
+            for index, (start, stop) in enumerate(self.bounds):
+                chunk = _KeptChunk(start, stop)
+                inputs = self.chunk_inputs(x, start, stop)
+                with torch.autograd.graph.saved_tensors_hooks(chunk.store.drop, chunk.store.saved):
+                    first = _ChunkInput.apply(self.anchor, inputs[0], chunk.input_grad) if needs_x else inputs[0]
+                    output = self.run_chunk([first, *inputs[1:]], start, stop, draw=(index == 0))
+                    if output.requires_grad:
+                        chunk.root = _ChunkOutput.apply(output, chunk.output_grad)
+                self.kept.append(chunk)
+                outputs.append(output.detach())
+                del first, output
+        return outputs
+
+    def refill_saved_tensors(self, ctx, x: torch.Tensor, chunk: _KeptChunk) -> None:
+        """Recomputes `chunk` until every tensor its kept graph saved is back, and not one op further."""
+        store = chunk.store
+        store.refilled = []
+        if not store.metadata:
+            return
+        inputs = self.chunk_inputs(x, chunk.start, chunk.stop)
+        needs_x = self.anchor is not None
+        # Aliases of the parameters as they are now (FSDP2 has gathered them again for the backward).
+        aliases = [param.detach().requires_grad_(alias.requires_grad) for (_, _, param), alias in
+                   zip(self.slots, self.aliases)]
+        grad_mode, autocast = _recompute_context(ctx, x.device.type)
+        try:
+            with grad_mode, autocast, _parameters_swapped(self.slots, aliases):
+                # The same inputs requiring grad as in the forward, so that the ops save the same tensors; a view
+                # of the leaf (made with grad on), as hooks that watch module inputs cannot be registered on a
+                # leaf inside `autograd.grad`.
+                x_leaf = inputs[0].detach().requires_grad_(needs_x)
+                x_chunk = x_leaf.view_as(x_leaf) if needs_x else x_leaf
+                with torch.autograd.graph.saved_tensors_hooks(store.refill, _never_unpacked):
+                    self.run_chunk([x_chunk, *inputs[1:]], chunk.start, chunk.stop, draw=False)
+        except _RecomputeDone:
+            pass
+        store.check_refilled()
 
 
 class _SaveInput(torch.autograd.Function):
@@ -207,8 +397,11 @@ class _MiniSequenceFunction(torch.autograd.Function):
         for mask, keep in zip(run.dropout_masks, keeps):
             mask.keep = keep
         # `backward(create_graph=True)` and `autograd.grad(..., create_graph=True)` run this with grad mode on.
+        kept, run.kept = run.kept, None  # used once: a second backward recomputes the chunks whole
         if torch.is_grad_enabled():
             grads = _differentiable_backward(ctx, run, x, grad_output)
+        elif kept is not None:
+            grads = _kept_graph_backward(ctx, run, x, grad_output, kept)
         elif run.precomputed is not None:
             grads = _precomputed_backward(ctx, run, grad_output)
         else:
@@ -290,13 +483,7 @@ def _gradients_over_chunks(
         chunk_grad_x, chunk_param_grads = _split_chunk_gradients(grads, needs_x, param_needs)
         if chunk_grad_x is not None:
             grad_x.narrow(run.seq_dim, start, stop - start).copy_(chunk_grad_x)
-        for slot, grad in enumerate(chunk_param_grads):
-            if grad is None:
-                continue
-            if accumulators[slot] is None:
-                accumulators[slot] = grad.to(_accumulation_dtype(grad.dtype))
-            else:
-                accumulators[slot].add_(grad)
+        _accumulate(accumulators, chunk_param_grads)
         del output, grads, chunk_grad_x, chunk_param_grads
     return total, grad_x, accumulators
 
@@ -308,10 +495,56 @@ def _chunkwise_backward(ctx, run: _ChunkedRun, x: torch.Tensor, grad_output: tor
     grad_mode, autocast = _recompute_context(ctx, x.device.type)
     with grad_mode, autocast:
         _, grad_x, accumulators = _gradients_over_chunks(run, x, needs_x, param_needs, grad_output, drawing=False)
-    param_grads = [None if acc is None else acc.to(param.dtype) for acc, (_, _, param) in zip(accumulators, run.slots)]
+    param_grads = _rounded(accumulators, run)
     if run.zero3:
         gather_until_accumulated([p for grad, (_, _, p) in zip(param_grads, run.slots) if grad is not None])
     return [grad_x, *param_grads]
+
+
+def _kept_graph_backward(
+    ctx, run: _ChunkedRun, x: torch.Tensor, grad_output: torch.Tensor, kept: list[_KeptChunk]
+) -> list:
+    """The backward through the forward's kept chunk graphs: one chunk at a time, its saved tensors recomputed
+    (up to the last one, see the module docstring), its gradients taken and its graph and tensors freed."""
+    needs_x = ctx.needs_input_grad[2]
+    param_needs = ctx.needs_input_grad[3:]
+    grad_x = torch.zeros_like(x) if needs_x else None
+    accumulators: list[torch.Tensor | None] = [None] * len(run.slots)
+    wanted = ([run.anchor] if needs_x else []) + [alias for alias, needed in zip(run.aliases, param_needs) if needed]
+    for chunk in kept:
+        if chunk.root is None or not wanted:
+            continue
+        length = chunk.stop - chunk.start
+        chunk.output_grad.value = (
+            grad_output if run.reduce == "sum" else grad_output.narrow(run.seq_dim, chunk.start, length)
+        )
+        if needs_x:
+            chunk.input_grad.value = grad_x.narrow(run.seq_dim, chunk.start, length)
+        run.refill_saved_tensors(ctx, x, chunk)
+        # Any 0-dim tensor serves as the stand-in's gradient (unread); the stand-in itself launches no fill.
+        grads = torch.autograd.grad(chunk.root, wanted, grad_outputs=chunk.root, allow_unused=True)
+        _, chunk_param_grads = _split_chunk_gradients(grads, needs_x, param_needs)
+        _accumulate(accumulators, chunk_param_grads)
+        chunk.root = chunk.store = chunk.input_grad = chunk.output_grad = None
+        del grads, chunk_param_grads
+    run.aliases, run.anchor = [], None
+    return [grad_x, *_rounded(accumulators, run)]
+
+
+def _accumulate(accumulators: list[torch.Tensor | None], chunk_param_grads: Sequence[torch.Tensor | None]) -> None:
+    """Adds one chunk's parameter gradients to the running sums (fp32 for narrower dtypes)."""
+    for slot, grad in enumerate(chunk_param_grads):
+        if grad is None:
+            continue
+        if accumulators[slot] is None:
+            accumulators[slot] = grad.to(_accumulation_dtype(grad.dtype))
+        else:
+            accumulators[slot].add_(grad)
+
+
+def _rounded(accumulators: Sequence[torch.Tensor | None], run: _ChunkedRun) -> list[torch.Tensor | None]:
+    """The summed gradients in their parameters' dtypes."""
+    return [None if acc is None else acc.to(param.dtype) for acc, (_, _, param) in zip(accumulators, run.slots)]
 
 
 def _precomputed_backward(ctx, run: _ChunkedRun, grad_output: torch.Tensor) -> list:
@@ -436,8 +669,14 @@ def mini_sequence_apply(
     params = [param for _, _, param in run.slots]
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         return run.forward(x)
-    run.gradients_in_forward = (
-        gradients_in_forward and not run.zero3 and torch._C._functorch.peek_interpreter_stack() is None
+    plain_autograd = not run.zero3 and torch._C._functorch.peek_interpreter_stack() is None
+    run.gradients_in_forward = gradients_in_forward and plain_autograd
+    # Kept graphs need saved-tensor hooks, which some contexts disable.
+    run.keep_graphs = (
+        not gradients_in_forward
+        and plain_autograd
+        and torch._C._autograd._saved_tensors_hooks_is_enabled()
+        and _has_only_torch_parameters(module)
     )
     if x.requires_grad:
         x = _SaveInput.apply(run, x)

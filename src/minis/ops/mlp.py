@@ -24,7 +24,9 @@ def mini_sequence_mlp(
 
     The (..., seq, intermediate) activations exist for one chunk at a time, in the forward and in the backward,
     so the MLP's activation peak shrinks by the number of chunks; the result and every gradient equal the
-    unchunked call's (fp32: up to summation order of the parameter gradients).
+    unchunked call's (fp32: up to summation order of the parameter gradients). The backward recomputes each chunk
+    only up to the input of its last projection (`down_proj`), whose backward needs nothing more: `gate_proj` and
+    `up_proj` run twice per step, `down_proj` once, as under upstream's activation checkpointing.
 
     Args:
         mlp_forward: the MLP's computation on a (..., tokens, hidden) tensor, e.g. the upstream `forward` bound to
