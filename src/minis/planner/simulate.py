@@ -241,6 +241,23 @@ class SimulatedStep(StepTimeline):
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class _NativeCpuKernelTracker(LiveStorageTracker):
+    """The tracker of `attention_memory="native"` runs, which are checked against the CPU allocator: it also sees a
+    temporary that a CPU kernel makes inside itself. CPU `add_` of a narrower tensor into a wider one (a bf16 chunk
+    gradient into an fp32 sum) first converts the narrower operand to a full-size temporary; CUDA's kernel converts
+    element by element and makes none, so the "cuda" prediction keeps the plain tracker."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.add_.Tensor and len(args) == 2 and isinstance(args[1], torch.Tensor):
+            target, other = args
+            if (target.device.type == "cpu" and other.dtype != target.dtype and other.dim() > 0
+                    and other.dtype.is_floating_point and target.dtype.is_floating_point):
+                widened = super().__torch_dispatch__(torch.ops.aten._to_copy.default, types, (other,),
+                                                     {"dtype": target.dtype})
+                return super().__torch_dispatch__(func, types, (target, widened), kwargs)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
 def simulate_step(config, seq_len: int, setup: TrainingSetup, *, mini_sequence: bool, num_layers: int | None = None,
                   attention_memory: str = "cuda", tracker: LiveStorageTracker | None = None) -> SimulatedStep:
     """One training step of `config` (with `num_layers` decoder layers) on fake tensors, tracked.
@@ -257,7 +274,8 @@ def simulate_step(config, seq_len: int, setup: TrainingSetup, *, mini_sequence: 
         with fake_mode:
             optimizer = make_optimizer(model, setup)
             batch = make_batch(seq_len, setup.batch_size)
-            tracker = tracker if tracker is not None else LiveStorageTracker()
+            if tracker is None:
+                tracker = _NativeCpuKernelTracker() if attention_memory == "native" else LiveStorageTracker()
             timeline = run_training_step(model, batch, tracker, **step_arguments(model, setup, optimizer))
             label_host_buffers(model, tracker)
     return SimulatedStep(**vars(timeline), info=_model_info(model))
