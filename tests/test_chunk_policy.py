@@ -9,7 +9,7 @@ import torch
 from helpers import relative_error, training_step
 
 from minis import config as minis_config
-from minis.config import automatic_chunk_count, loss_chunking, min_chunk_tokens, mlp_chunking
+from minis.config import automatic_chunk_count, loss_chunking, mlp_chunking
 from minis.families import FAMILIES
 from minis.planner import load_model_config
 from minis.testing import FAMILY_NAMES, tiny_model
@@ -24,49 +24,64 @@ def llama3_like(**settings):
 
 
 # --- the policy itself --------------------------------------------------------------------------------------------
-def test_long_calls_get_the_budget_count():
-    """From the length where the floor stops binding, one chunk's intermediate is the size of the hidden states."""
-    assert automatic_chunk_count(65536, 128256, 4096) == 32  # ceil(128256 / 4096)
-    assert automatic_chunk_count(32768, 128256, 4096) == 32
-    assert automatic_chunk_count(65536, 14336, 4096) == 4  # ceil(14336 / 4096)
-    assert automatic_chunk_count(1 << 20, 14336, 4096) == 4, "the budget's count does not grow with the length"
+def test_from_8_x_hidden_tokens_on_the_counts_are_the_papers():
+    """One chunk's intermediate no larger than the hidden states: ceil(width / hidden) chunks, whatever the length."""
+    for tokens in (32768, 65536, 1 << 20):
+        assert automatic_chunk_count(tokens, 128256, 4096) == 32, tokens
+        assert automatic_chunk_count(tokens, 14336, 4096) == 4, tokens
+    assert automatic_chunk_count(8 * 3584, 256000, 3584) == 72, "Gemma-2-9B from 28,672 tokens on"
 
 
-def test_shorter_calls_get_fewer_chunks_of_the_minimum_size():
-    assert min_chunk_tokens(4096) == 1024
-    assert automatic_chunk_count(8192, 128256, 4096) == 8  # the budget alone would run 32 chunks of 256 tokens
+def test_shorter_calls_run_fewer_larger_chunks():
+    """Below 8 x hidden tokens a chunk may hold the intermediate of the hidden states of 8 x hidden tokens."""
+    assert automatic_chunk_count(8192, 128256, 4096) == 8  # chunks of 1024 tokens; the budget alone: 32 of 256
     assert automatic_chunk_count(16384, 128256, 4096) == 16
-    assert automatic_chunk_count(8192, 14336, 4096) == 4, "the MLP's budget count already keeps 2048-token chunks"
+    assert automatic_chunk_count(16384, 14336, 4096) == 2
+    assert automatic_chunk_count(24576, 14336, 4096) == 3
 
 
 @pytest.mark.parametrize("hidden, width", [(4096, 128256), (4096, 14336), (3584, 256000), (32, 88), (32, 257)])
-def test_chunks_never_fall_below_the_minimum_and_never_exceed_the_budget(hidden, width):
-    budget = -(-width // hidden)
-    floor = min_chunk_tokens(hidden)
+def test_chunks_fit_the_budget_and_never_hold_fewer_than_half_of_it(hidden, width):
+    reference = 8 * hidden  # tokens whose hidden states are the smallest budget
+    paper_count = -(-width // hidden)
     previous = 1
-    for tokens in sorted({*range(0, 4 * floor, max(1, floor // 16)), *range(0, 40 * budget * floor, floor // 2 or 1)}):
+    for tokens in range(0, 2 * reference, max(1, reference // 200)):
         count = automatic_chunk_count(tokens, width, hidden)
-        assert 1 <= count <= budget, (tokens, count)
+        budget = max(tokens, reference) * hidden
+        longest = -(-tokens // count)  # near-equal chunks: the average, rounded up to whole tokens
+        assert (longest - 1) * width <= budget, (tokens, count)
         if count > 1:
-            assert tokens // count >= floor, (tokens, count)  # the shortest of near-equal chunks
+            assert (tokens // count) * width >= budget // 2 - width, (tokens, count)
+        assert count <= paper_count
         assert count >= previous, "a longer call never runs fewer chunks"
         previous = count
-    assert previous == budget, "long enough calls reach the budget's count"
+    assert previous == paper_count
 
 
-def test_calls_shorter_than_two_minimum_chunks_run_unchunked():
-    assert automatic_chunk_count(2047, 14336, 4096) == 1
-    assert automatic_chunk_count(2048, 14336, 4096) == 2
+def test_calls_whose_whole_intermediate_fits_the_budget_run_as_one_chunk():
+    assert automatic_chunk_count(1024, 128256, 4096) == 1  # 1024 x 128256 <= 8 x 4096 x 4096
+    assert automatic_chunk_count(1046, 128256, 4096) == 1  # the longest: 8 x 4096**2 // 128256
+    assert automatic_chunk_count(1047, 128256, 4096) == 2
     assert automatic_chunk_count(0, 128256, 4096) == 1
-    assert mlp_chunking(llama3_like(), 2047) is None, "an unchunked MLP runs upstream's code"
-    assert loss_chunking(llama3_like(), 2047) == {"num_chunks": 1}
+    assert loss_chunking(llama3_like(), 1024) == {"num_chunks": 1}, "one chunk of minis' loss: still no logits"
+
+
+def test_the_mlp_runs_at_least_two_chunks():
+    """One MLP chunk would run upstream's MLP, whose activations live until the backward without checkpointing."""
+    config = llama3_like()
+    assert automatic_chunk_count(8192, 14336, 4096) == 1
+    assert mlp_chunking(config, 8192) == {"num_chunks": 2}
+    assert mlp_chunking(config, 2) == {"num_chunks": 2}
+    assert mlp_chunking(config, 1) is None, "a single token is one chunk"
+    narrow = SimpleNamespace(hidden_size=64, intermediate_size=64, vocab_size=100, mini_sequence_chunk_size=None)
+    assert mlp_chunking(narrow, 100000) is None, "an MLP no wider than the hidden states never chunks"
 
 
 def test_the_mlp_counts_every_row_of_the_call():
     config = llama3_like()
-    assert mlp_chunking(config, 1024) is None
-    assert mlp_chunking(config, 1024, rows=8) == {"num_chunks": 4}, "8 x 1024 tokens: the budget's 4 chunks"
-    assert mlp_chunking(config, 3, rows=4096) == {"num_chunks": 3}, "no more chunks than the row has tokens"
+    assert mlp_chunking(config, 8192, rows=1) == {"num_chunks": 2}
+    assert mlp_chunking(config, 8192, rows=4) == {"num_chunks": 4}, "4 x 8192 tokens: the budget's 4 chunks"
+    assert mlp_chunking(config, 3, rows=100000) == {"num_chunks": 3}, "no more chunks than a row has tokens"
 
 
 def test_the_demo_model_keeps_its_chunking():
@@ -76,9 +91,10 @@ def test_the_demo_model_keeps_its_chunking():
 
 
 @pytest.mark.parametrize("preset", ["llama-3-8b", "llama-2-7b", "qwen2-7b", "mistral-7b", "gemma-2-9b"])
-def test_presets_at_64k_tokens_run_the_budget_counts(preset):
+def test_presets_from_32k_tokens_on_run_the_papers_counts(preset):
+    """The lengths where minis matters chunk as before, so their memory (and `minis plan`'s lengths) stay."""
     config = load_model_config(preset)
-    for tokens in (65536, 131072):
+    for tokens in (32768, 65536, 131072):
         assert loss_chunking(config, tokens) == {"num_chunks": -(-config.vocab_size // config.hidden_size)}
         assert mlp_chunking(config, tokens) == {"num_chunks": -(-config.intermediate_size // config.hidden_size)}
 
@@ -100,9 +116,10 @@ def test_bad_arguments_name_the_value(arguments, message):
 # --- explicit sizes and ranks -------------------------------------------------------------------------------------
 def test_explicit_chunk_sizes_win():
     config = llama3_like(mini_sequence_chunk_size=256, mini_sequence_loss_chunk_size=100)
-    assert mlp_chunking(config, 1000) == {"chunk_size": 256}, "where the policy would not chunk at all"
+    assert mlp_chunking(config, 1000) == {"chunk_size": 256}, "where the policy would run 2 chunks"
     assert loss_chunking(config, 65536) == {"chunk_size": 100}, "where the policy would run 32 chunks"
-    assert mlp_chunking(llama3_like(mini_sequence_chunk_size=4096), 1000) is None
+    assert loss_chunking(config, 1000) == {"chunk_size": 100}, "where the policy would run 1 chunk"
+    assert mlp_chunking(llama3_like(mini_sequence_chunk_size=4096), 1000) is None, "and over the MLP's minimum"
 
 
 @contextlib.contextmanager
@@ -123,19 +140,19 @@ def two_ranks(other_rank_count):
 
 def test_zero3_ranks_run_the_largest_count_even_where_the_policy_picks_one_chunk():
     with two_ranks(other_rank_count=4) as offered:
-        assert mlp_chunking(llama3_like(), 1000, agree_across_ranks=True) == {"num_chunks": 4}
         assert loss_chunking(llama3_like(), 1000, agree_across_ranks=True) == {"num_chunks": 4}
-    assert offered == [1, 1], "this rank's policy picked one chunk and said so"
+        assert mlp_chunking(llama3_like(), 1000, agree_across_ranks=True) == {"num_chunks": 4}
+    assert offered == [1, 2], "this rank's policy picked one loss chunk and two MLP chunks, and said so"
     with two_ranks(other_rank_count=1) as offered:
         assert loss_chunking(llama3_like(), 8192, agree_across_ranks=True) == {"num_chunks": 8}
-        assert mlp_chunking(llama3_like(), 100, agree_across_ranks=True) is None, "both ranks run unchunked"
+        assert mlp_chunking(llama3_like(), 1, agree_across_ranks=True) is None, "both ranks run unchunked"
     assert offered == [8, 1]
 
 
 def test_ranks_keep_their_own_counts_without_zero3():
     with two_ranks(other_rank_count=32) as offered:
         assert loss_chunking(llama3_like(), 8192) == {"num_chunks": 8}
-        assert mlp_chunking(llama3_like(), 100) is None
+        assert mlp_chunking(llama3_like(), 100) == {"num_chunks": 2}
     assert offered == [], "no collective outside ZeRO-3 training"
 
 
@@ -180,27 +197,22 @@ def assert_same_step_with_counts(model, seq, batch_size=1):
     return counts
 
 
+# The tiny models (hidden 32, intermediate 88, vocabulary 257): the budget is the hidden states of 8 x 32 = 256 tokens.
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_tiny_models_where_the_policy_picks_one_chunk(family):
     model = automatic_model(family)
-    seq = 2 * min_chunk_tokens(model.config.hidden_size) - 1  # 15 tokens for hidden size 32
-    counts = assert_same_step_with_counts(model, seq)
-    assert counts["mlp"] == [], "every MLP ran upstream's code"
+    assert (model.config.hidden_size, model.config.vocab_size) == (32, 257)
+    counts = assert_same_step_with_counts(model, 31)  # 31 x 257 logits fit the budget of 256 x 32 elements
     assert counts["loss"] == [1], "one loss chunk: the whole sequence"
+    assert counts["mlp"] == [2] * model.config.num_hidden_layers, "the MLP's minimum"
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_tiny_models_where_the_policy_picks_many_chunks(family):
     model = automatic_model(family)
-    config = model.config
-    budget_mlp = -(-config.intermediate_size // config.hidden_size)  # 3 for the tiny sizes
-    budget_loss = -(-config.vocab_size // config.hidden_size)  # 9
-    seq = budget_loss * min_chunk_tokens(config.hidden_size) + 5  # long enough for the budget's counts
-    counts = assert_same_step_with_counts(model, seq)
-    assert counts["mlp"] == [budget_mlp] * config.num_hidden_layers
-    assert counts["loss"] == [budget_loss]
-    # Between the two: the floor, not the budget, sets both counts (20 tokens: 2 chunks of at least 8 tokens).
-    counts = assert_same_step_with_counts(model, 20)
-    assert min_chunk_tokens(config.hidden_size) == 8
-    assert counts["loss"] == [2]
-    assert counts["mlp"] == [2] * config.num_hidden_layers
+    layers = model.config.num_hidden_layers
+    assert (model.config.hidden_size, model.config.intermediate_size, model.config.vocab_size) == (32, 88, 257)
+    counts = assert_same_step_with_counts(model, 8 * 32 + 5)  # the paper's counts: ceil(88 / 32), ceil(257 / 32)
+    assert counts == {"mlp": [3] * layers, "loss": [9]}
+    counts = assert_same_step_with_counts(model, 100)  # below 256 tokens: ceil(100 x width / (256 x 32)) chunks
+    assert counts == {"mlp": [2] * layers, "loss": [4]}

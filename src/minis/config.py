@@ -17,32 +17,32 @@ Values are checked when they are set (`ValidatedSetting`, installed on the famil
 fails when the config is built or loaded, with a message naming the attribute, the value and what is allowed.
 
 The automatic chunk policy (`automatic_chunk_count`, used where a chunk size is None) chunks only as much as the
-memory goal needs. A call of `n` tokens (the MLP: all rows of the call; the loss: batch x seq) whose intermediate is
-`width` elements per token (`intermediate_size` for the MLP, `vocab_size` for the LM head) runs
+memory goal needs. A call of `n` tokens (the MLP: every row of the call; the loss: batch x seq) has an
+intermediate of `width` elements per token (`intermediate_size` for the MLP, `vocab_size` for the LM head). One
+chunk's intermediate may hold the hidden states of `max(n, 8 * hidden_size)` tokens:
 
-    count = min(ceil(width / hidden_size), n // (hidden_size // 4)), and at least 1
+    count = ceil(n * width / (max(n, 8 * hidden_size) * hidden_size)), between 1 and n
 
-1. Budget (the first term, the MST paper's choice): one chunk's intermediate is no larger than the call's hidden
-   states. It sets the count of long calls: Llama-3-8B runs 4 MLP chunks and 32 LM-head chunks.
-2. Floor (the second term): a chunk holds at least `hidden_size // 4` tokens (1024 for hidden size 4096), so its
-   intermediate is at least a quarter of the weight that makes it (`hidden_size x width`). Every chunk costs
-   work sized by that weight, not by the chunk (kernel launches, reading the weight, and for a trainable weight
-   adding the chunk's gradient into an fp32 accumulator); with the budget alone, Llama-3-8B's LM head at 8K tokens
-   runs 32 chunks of 256 tokens, where that work rivals the chunk's own.
-3. Small calls (a consequence of the floor): fewer than `hidden_size // 2` tokens run as one chunk, as their whole
-   intermediate is smaller than half its weight. The MLP then runs upstream's code; the loss stays minis' (one
-   chunk, no full logits).
+- From `8 * hidden_size` tokens on (32K for hidden size 4096) that is the MST paper's budget, one chunk's
+  intermediate no larger than the call's hidden states: `ceil(width / hidden_size)` chunks (Llama-3-8B: 4 MLP
+  chunks, 32 LM-head chunks). The lengths minis is for chunk exactly as before.
+- Shorter calls keep the budget of an `8 * hidden_size`-token call: fewer, larger chunks, each holding at least
+  half of `8 * hidden_size**2 / width` tokens (Llama-3-8B's LM head at 8K tokens: 8 chunks of 1024, where the
+  paper's count ran 32 of 256). Each chunk costs work sized by the weight, not by the chunk: kernel launches,
+  reading the weight, adding a trainable weight's gradient into an fp32 accumulator.
+- A call whose whole intermediate fits the budget is one chunk; the loss then still runs minis' way (no logits).
+- The MLP runs at least 2 chunks (unless `intermediate_size <= hidden_size` or the row has one token): minis runs
+  a one-chunk MLP as upstream's code, which without activation checkpointing keeps four `(tokens, intermediate)`
+  activations in every layer until the backward (Llama-3-8B at 8K tokens: 28 GiB in bf16).
 
-The memory this gives up, next to the budget alone: where the floor binds (from `hidden_size // 2` tokens up to
-`ceil(width / hidden_size) x (hidden_size // 4)`: 32K tokens for Llama-3-8B's LM head, 4K for its MLP), a chunk
-holds `hidden_size // 4` to `hidden_size // 2` tokens of intermediate instead of the budget's `n * hidden_size /
-width`; Llama-3-8B's LM head at 8K tokens holds 1024-token chunks of logits instead of 256-token ones. Longer
-calls run the budget's counts, so the long-sequence predictions of `minis plan` do not change. Below
-`hidden_size // 2` tokens the unchunked MLP holds its `(tokens, intermediate)` activations as upstream does: one
-layer's with activation checkpointing, every layer's until its backward without it.
+The memory this gives up: below `8 * hidden_size` tokens a chunk holds up to `8 * hidden_size**2` elements of
+intermediate (Llama-3-8B: a 1024-token LM-head chunk, about 1.2 GiB of bf16 and fp32 logits and fp32 softmax
+gradient), where the paper's count kept one of the call's hidden states. docs/design.md gives the planner's
+figures. From `8 * hidden_size` tokens on nothing changes, nor do the longest sequences `minis plan` predicts.
 
-Explicit `mini_sequence_chunk_size` / `mini_sequence_loss_chunk_size` values win over the policy, at every length.
-Under DeepSpeed ZeRO-3, in a grad-enabled training forward, every rank runs the largest count of all ranks.
+Explicit `mini_sequence_chunk_size` / `mini_sequence_loss_chunk_size` values win over the policy (and over the
+MLP's minimum), at every length. Under DeepSpeed ZeRO-3, in a grad-enabled training forward, every rank runs the
+largest count of all ranks.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ __all__ = [
     "ValidatedSetting",
     "automatic_chunk_count",
     "loss_chunking",
-    "min_chunk_tokens",
     "mini_sequence_offload",
     "mlp_chunking",
     "use_mini_sequence",
@@ -154,47 +153,38 @@ def _agree_on_chunk_count(local_count: int, device) -> int:
     return int(count.item())
 
 
-# A chunk holds at least hidden_size // MIN_CHUNK_TOKENS_DIVISOR tokens (see the module docstring, rule 2).
-MIN_CHUNK_TOKENS_DIVISOR = 4
+# One chunk's intermediate is at most the hidden states of max(tokens, this many x hidden_size) tokens.
+BUDGET_FLOOR_TOKENS_PER_HIDDEN = 8
 
 
-def min_chunk_tokens(hidden_size: int) -> int:
-    """The fewest tokens an automatically sized chunk holds: `hidden_size // 4` (1024 for a hidden size of 4096)."""
-    return max(1, hidden_size // MIN_CHUNK_TOKENS_DIVISOR)
-
-
-def automatic_chunk_count(tokens: int, width: int, hidden_size: int, *, max_chunks: int | None = None) -> int:
+def automatic_chunk_count(tokens: int, width: int, hidden_size: int) -> int:
     """How many chunks the automatic policy splits a call of `tokens` tokens into (1: unchunked).
 
     Args:
         tokens: the tokens of the whole call (the MLP: rows x sequence length; the LM-head loss: batch x sequence).
         width: elements of intermediate per token (`intermediate_size` for the MLP, `vocab_size` for the loss).
         hidden_size: the model's hidden size.
-        max_chunks: an upper bound on the count (the MLP splits each row's sequence, so at most its length).
 
     Returns:
-        `min(ceil(width / hidden_size), tokens // min_chunk_tokens(hidden_size))`, at least 1: the budget's count
-        (one chunk's intermediate no larger than the call's hidden states), or fewer where chunks would hold fewer
-        than `hidden_size // 4` tokens. See the module docstring for why, and for the memory this gives up.
+        `ceil(tokens * width / (max(tokens, 8 * hidden_size) * hidden_size))`, between 1 and `tokens`: one chunk's
+        intermediate is at most the hidden states of the call, or of an `8 * hidden_size`-token call where the call
+        is shorter. (The MLP's minimum of 2 chunks is `mlp_chunking`'s.) See the module docstring for why.
 
     Example:
-        >>> automatic_chunk_count(8192, 128256, 4096)    # Llama-3-8B's LM head at 8K tokens: 8 chunks of 1024
-        8
-        >>> automatic_chunk_count(65536, 128256, 4096)   # at 64K: the budget's 32 chunks of 2048
+        >>> automatic_chunk_count(65536, 128256, 4096)   # Llama-3-8B's LM head at 64K tokens: 32 chunks of 2048
         32
-        >>> automatic_chunk_count(2047, 14336, 4096)     # its MLP below 2 x 1024 tokens: unchunked
+        >>> automatic_chunk_count(8192, 128256, 4096)    # at 8K: 8 chunks of 1024, not 32 of 256
+        8
+        >>> automatic_chunk_count(1024, 128256, 4096)    # 1024 x 128256 logits fit the budget: one chunk
         1
     """
     for name, value in (("tokens", tokens), ("width", width), ("hidden_size", hidden_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "tokens" else 1):
             allowed = "a non-negative int" if name == "tokens" else "a positive int"
             raise ValueError(f"automatic_chunk_count: {name} must be {allowed}, got {value!r}")
-    budget_count = math.ceil(width / hidden_size)
-    floor_count = tokens // min_chunk_tokens(hidden_size)
-    count = min(budget_count, floor_count)
-    if max_chunks is not None:
-        count = min(count, max_chunks)
-    return max(1, count)
+    budget = max(tokens, BUDGET_FLOOR_TOKENS_PER_HIDDEN * hidden_size) * hidden_size
+    count = -(-tokens * width // budget)
+    return max(1, min(count, tokens))
 
 
 def _chunking(count: int, chunk_size: int | None, agree_across_ranks: bool, device) -> dict[str, int] | None:
@@ -223,7 +213,10 @@ def mlp_chunking(
     chunk_size = _read(config, "mini_sequence_chunk_size")
     if chunk_size is None:
         hidden, width = config.hidden_size, config.intermediate_size
-        count = automatic_chunk_count(rows * seq_len, width, hidden, max_chunks=seq_len)
+        # At least 2 chunks (where long calls get 2 or more): one would run upstream's MLP, whose activations stay
+        # alive until the backward without activation checkpointing. At most one per token of a row.
+        at_least = min(2, math.ceil(width / hidden))
+        count = min(max(automatic_chunk_count(rows * seq_len, width, hidden), at_least), seq_len)
     else:
         count = max(1, math.ceil(seq_len / chunk_size))
     return _chunking(count, chunk_size, agree_across_ranks, device)
