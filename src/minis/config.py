@@ -37,8 +37,9 @@ chunk's intermediate may hold the hidden states of `max(n, 8 * hidden_size)` tok
 
 The memory this gives up: below `8 * hidden_size` tokens a chunk holds up to `8 * hidden_size**2` elements of
 intermediate (Llama-3-8B: a 1024-token LM-head chunk, about 1.2 GiB of bf16 and fp32 logits and fp32 softmax
-gradient), where the paper's count kept one of the call's hidden states. docs/design.md gives the planner's
-figures. From `8 * hidden_size` tokens on nothing changes, nor do the longest sequences `minis plan` predicts.
+gradient), where the paper's count kept one of the call's hidden states. From `8 * hidden_size` tokens on nothing
+changes, so neither do the longest sequences `minis plan` predicts at 32K tokens and more; some shorter ones drop
+(docs/design.md, "How many chunks", gives the planner's figures).
 
 Explicit `mini_sequence_chunk_size` / `mini_sequence_loss_chunk_size` values win over the policy (and over the
 MLP's minimum), at every length. Under DeepSpeed ZeRO-3, in a grad-enabled training forward, every rank runs the
