@@ -5,10 +5,9 @@ keyword arguments or put them in `config.json`):
 
 - `use_mini_sequence` (bool, default True): mini-sequence MLP and LM-head loss on or off for this model.
 - `mini_sequence_chunk_size` (positive int or None): tokens per MLP chunk, along the sequence axis of each row.
-  None: the sequence is split into ceil(intermediate_size / hidden_size) chunks, so one chunk's intermediate
-  activation is about the size of the hidden states (the MST paper's choice).
+  None: the automatic chunk policy below, with the MLP's `intermediate_size` as the width.
 - `mini_sequence_loss_chunk_size` (positive int or None): tokens per LM-head chunk, counted over batch * seq.
-  None: ceil(vocab_size / hidden_size) chunks, so one chunk's logits are about the size of the hidden states.
+  None: the automatic chunk policy below, with `vocab_size` as the width.
 - `use_mini_sequence_loss` (bool, default True): False keeps the MLP chunked but runs upstream's LM head and
   loss, so training forwards return full `logits` (for a `compute_loss_func` or metrics that need them).
 - `mini_sequence_offload` (bool, default False): with activation checkpointing on, the checkpointed hidden states
@@ -16,6 +15,35 @@ keyword arguments or put them in `config.json`):
 
 Values are checked when they are set (`ValidatedSetting`, installed on the families' config classes), so a bad value
 fails when the config is built or loaded, with a message naming the attribute, the value and what is allowed.
+
+The automatic chunk policy (`automatic_chunk_count`, used where a chunk size is None) chunks only as much as the
+memory goal needs. A call of `n` tokens (the MLP: every row of the call; the loss: batch x seq) has an
+intermediate of `width` elements per token (`intermediate_size` for the MLP, `vocab_size` for the LM head). One
+chunk's intermediate may hold the hidden states of `max(n, 8 * hidden_size)` tokens:
+
+    count = ceil(n * width / (max(n, 8 * hidden_size) * hidden_size)), between 1 and n
+
+- From `8 * hidden_size` tokens on (32K for hidden size 4096) that is the MST paper's budget, one chunk's
+  intermediate no larger than the call's hidden states: `ceil(width / hidden_size)` chunks (Llama-3-8B: 4 MLP
+  chunks, 32 LM-head chunks). The lengths minis is for chunk exactly as before.
+- Shorter calls keep the budget of an `8 * hidden_size`-token call: fewer, larger chunks, each holding at least
+  half of `8 * hidden_size**2 / width` tokens (Llama-3-8B's LM head at 8K tokens: 8 chunks of 1024, where the
+  paper's count ran 32 of 256). Each chunk costs work sized by the weight, not by the chunk: kernel launches,
+  reading the weight, adding a trainable weight's gradient into an fp32 accumulator.
+- A call whose whole intermediate fits the budget is one chunk; the loss then still runs minis' way (no logits).
+- The MLP runs at least 2 chunks (unless `intermediate_size <= hidden_size` or the row has one token): minis runs
+  a one-chunk MLP as upstream's code, which without activation checkpointing keeps four `(tokens, intermediate)`
+  activations in every layer until the backward (Llama-3-8B at 8K tokens: 28 GiB in bf16).
+
+The memory this gives up: below `8 * hidden_size` tokens a chunk holds up to `8 * hidden_size**2` elements of
+intermediate (Llama-3-8B: a 1024-token LM-head chunk, about 1.2 GiB of bf16 and fp32 logits and fp32 softmax
+gradient), where the paper's count kept one of the call's hidden states. From `8 * hidden_size` tokens on nothing
+changes, so neither do the longest sequences `minis plan` predicts at 32K tokens and more; some shorter ones drop
+(docs/design.md, "How many chunks", gives the planner's figures).
+
+Explicit `mini_sequence_chunk_size` / `mini_sequence_loss_chunk_size` values win over the policy (and over the
+MLP's minimum), at every length. Under DeepSpeed ZeRO-3, in a grad-enabled training forward, every rank runs the
+largest count of all ranks.
 """
 
 from __future__ import annotations
@@ -26,6 +54,7 @@ from typing import Any
 __all__ = [
     "CONFIG_DEFAULTS",
     "ValidatedSetting",
+    "automatic_chunk_count",
     "loss_chunking",
     "mini_sequence_offload",
     "mlp_chunking",
@@ -125,17 +154,46 @@ def _agree_on_chunk_count(local_count: int, device) -> int:
     return int(count.item())
 
 
-def _chunking(
-    tokens: int, auto_chunks: int, chunk_size: int | None, agree_across_ranks: bool, device
-) -> dict[str, int] | None:
-    """Keyword arguments for `chunk_bounds`, or None when the call runs unchunked.
+# One chunk's intermediate is at most the hidden states of max(tokens, this many x hidden_size) tokens.
+BUDGET_FLOOR_TOKENS_PER_HIDDEN = 8
 
+
+def automatic_chunk_count(tokens: int, width: int, hidden_size: int) -> int:
+    """How many chunks the automatic policy splits a call of `tokens` tokens into (1: unchunked).
+
+    Args:
+        tokens: the tokens of the whole call (the MLP: rows x sequence length; the LM-head loss: batch x sequence).
+        width: elements of intermediate per token (`intermediate_size` for the MLP, `vocab_size` for the loss).
+        hidden_size: the model's hidden size.
+
+    Returns:
+        `ceil(tokens * width / (max(tokens, 8 * hidden_size) * hidden_size))`, between 1 and `tokens`: one chunk's
+        intermediate is at most the hidden states of the call, or of an `8 * hidden_size`-token call where the call
+        is shorter. (The MLP's minimum of 2 chunks is `mlp_chunking`'s.) See the module docstring for why.
+
+    Example:
+        >>> automatic_chunk_count(65536, 128256, 4096)   # Llama-3-8B's LM head at 64K tokens: 32 chunks of 2048
+        32
+        >>> automatic_chunk_count(8192, 128256, 4096)    # at 8K: 8 chunks of 1024, not 32 of 256
+        8
+        >>> automatic_chunk_count(1024, 128256, 4096)    # 1024 x 128256 logits fit the budget: one chunk
+        1
+    """
+    for name, value in (("tokens", tokens), ("width", width), ("hidden_size", hidden_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "tokens" else 1):
+            allowed = "a non-negative int" if name == "tokens" else "a positive int"
+            raise ValueError(f"automatic_chunk_count: {name} must be {allowed}, got {value!r}")
+    budget = max(tokens, BUDGET_FLOOR_TOKENS_PER_HIDDEN * hidden_size) * hidden_size
+    count = -(-tokens * width // budget)
+    return max(1, min(count, tokens))
+
+
+def _chunking(count: int, chunk_size: int | None, agree_across_ranks: bool, device) -> dict[str, int] | None:
+    """Keyword arguments for `chunk_bounds` that run `count` chunks, or None when the call runs unchunked.
+
+    `chunk_size`: the explicit setting `count` came from, or None for the automatic policy's count.
     `agree_across_ranks`: every rank runs the largest count of all ranks (one all-reduce), for ZeRO-3 training.
     """
-    if chunk_size is None:
-        count = min(auto_chunks, tokens)
-    else:
-        count = max(1, math.ceil(tokens / chunk_size))
     if agree_across_ranks and _distributed_world_size() > 1:
         agreed = _agree_on_chunk_count(count, device)
         if agreed != count:
@@ -146,16 +204,30 @@ def _chunking(
 
 
 def mlp_chunking(
-    config: Any, seq_len: int, device=None, *, agree_across_ranks: bool = False
+    config: Any, seq_len: int, device=None, *, rows: int = 1, agree_across_ranks: bool = False
 ) -> dict[str, int] | None:
-    """How the MLP splits a sequence of `seq_len` tokens (kwargs for `chunk_bounds`), or None for no chunking."""
-    auto = max(1, math.ceil(config.intermediate_size / config.hidden_size))
+    """How the MLP splits each row's `seq_len` tokens (kwargs for `chunk_bounds`), or None for no chunking.
+
+    `rows`: how many sequences the call holds (the product of the input's leading dimensions). A chunk takes
+    its token range from every row, so the automatic policy counts `rows * seq_len` tokens.
+    """
     chunk_size = _read(config, "mini_sequence_chunk_size")
-    return _chunking(seq_len, auto, chunk_size, agree_across_ranks, device)
+    if chunk_size is None:
+        hidden, width = config.hidden_size, config.intermediate_size
+        # At least 2 chunks (where long calls get 2 or more): one would run upstream's MLP, whose activations stay
+        # alive until the backward without activation checkpointing. At most one per token of a row.
+        at_least = min(2, math.ceil(width / hidden))
+        count = min(max(automatic_chunk_count(rows * seq_len, width, hidden), at_least), seq_len)
+    else:
+        count = max(1, math.ceil(seq_len / chunk_size))
+    return _chunking(count, chunk_size, agree_across_ranks, device)
 
 
 def loss_chunking(config: Any, num_tokens: int, device=None, *, agree_across_ranks: bool = False) -> dict[str, int]:
     """How the LM-head loss splits `num_tokens` (= batch * seq) tokens (kwargs for `chunk_bounds`)."""
-    auto = max(1, math.ceil(config.vocab_size / config.hidden_size))
     chunk_size = _read(config, "mini_sequence_loss_chunk_size")
-    return _chunking(num_tokens, auto, chunk_size, agree_across_ranks, device) or {"num_chunks": 1}
+    if chunk_size is None:
+        count = automatic_chunk_count(num_tokens, config.vocab_size, config.hidden_size)
+    else:
+        count = max(1, math.ceil(num_tokens / chunk_size))
+    return _chunking(count, chunk_size, agree_across_ranks, device) or {"num_chunks": 1}
