@@ -9,7 +9,7 @@ import torch
 from helpers import relative_error, training_step
 
 from minis import config as minis_config
-from minis.config import automatic_chunk_count, loss_chunking, mlp_chunking
+from minis.config import BUDGET_FLOOR_TOKENS_PER_HIDDEN, automatic_chunk_count, loss_chunking, mlp_chunking
 from minis.families import FAMILIES
 from minis.planner import load_model_config
 from minis.testing import FAMILY_NAMES, tiny_model
@@ -24,25 +24,26 @@ def llama3_like(**settings):
 
 
 # --- the policy itself --------------------------------------------------------------------------------------------
-def test_from_8_x_hidden_tokens_on_the_counts_are_the_papers():
+def test_from_4_x_hidden_tokens_on_the_counts_are_the_papers():
     """One chunk's intermediate no larger than the hidden states: ceil(width / hidden) chunks, whatever the length."""
-    for tokens in (32768, 65536, 1 << 20):
+    assert BUDGET_FLOOR_TOKENS_PER_HIDDEN == 4
+    for tokens in (16384, 32768, 65536, 1 << 20):
         assert automatic_chunk_count(tokens, 128256, 4096) == 32, tokens
         assert automatic_chunk_count(tokens, 14336, 4096) == 4, tokens
-    assert automatic_chunk_count(8 * 3584, 256000, 3584) == 72, "Gemma-2-9B from 28,672 tokens on"
+    assert automatic_chunk_count(4 * 3584, 256000, 3584) == 72, "Gemma-2-9B from 14,336 tokens on"
 
 
 def test_shorter_calls_run_fewer_larger_chunks():
-    """Below 8 x hidden tokens a chunk may hold the intermediate of the hidden states of 8 x hidden tokens."""
-    assert automatic_chunk_count(8192, 128256, 4096) == 8  # chunks of 1024 tokens; the budget alone: 32 of 256
-    assert automatic_chunk_count(16384, 128256, 4096) == 16
-    assert automatic_chunk_count(16384, 14336, 4096) == 2
-    assert automatic_chunk_count(24576, 14336, 4096) == 3
+    """Below 4 x hidden tokens a chunk may hold the intermediate of the hidden states of 4 x hidden tokens."""
+    assert automatic_chunk_count(8192, 128256, 4096) == 16  # chunks of 512 tokens; the budget alone: 32 of 256
+    assert automatic_chunk_count(12288, 128256, 4096) == 24
+    assert automatic_chunk_count(8192, 14336, 4096) == 2
+    assert automatic_chunk_count(12288, 14336, 4096) == 3
 
 
 @pytest.mark.parametrize("hidden, width", [(4096, 128256), (4096, 14336), (3584, 256000), (32, 88), (32, 257)])
 def test_chunks_fit_the_budget_and_never_hold_fewer_than_half_of_it(hidden, width):
-    reference = 8 * hidden  # tokens whose hidden states are the smallest budget
+    reference = BUDGET_FLOOR_TOKENS_PER_HIDDEN * hidden  # tokens whose hidden states are the smallest budget
     paper_count = -(-width // hidden)
     previous = 1
     for tokens in range(0, 2 * reference, max(1, reference // 200)):
@@ -59,18 +60,18 @@ def test_chunks_fit_the_budget_and_never_hold_fewer_than_half_of_it(hidden, widt
 
 
 def test_calls_whose_whole_intermediate_fits_the_budget_run_as_one_chunk():
-    assert automatic_chunk_count(1024, 128256, 4096) == 1  # 1024 x 128256 <= 8 x 4096 x 4096
-    assert automatic_chunk_count(1046, 128256, 4096) == 1  # the longest: 8 x 4096**2 // 128256
-    assert automatic_chunk_count(1047, 128256, 4096) == 2
+    assert automatic_chunk_count(512, 128256, 4096) == 1  # 512 x 128256 <= 4 x 4096 x 4096
+    assert automatic_chunk_count(523, 128256, 4096) == 1  # the longest: 4 x 4096**2 // 128256
+    assert automatic_chunk_count(524, 128256, 4096) == 2
     assert automatic_chunk_count(0, 128256, 4096) == 1
-    assert loss_chunking(llama3_like(), 1024) == {"num_chunks": 1}, "one chunk of minis' loss: still no logits"
+    assert loss_chunking(llama3_like(), 512) == {"num_chunks": 1}, "one chunk of minis' loss: still no logits"
 
 
 def test_the_mlp_runs_at_least_two_chunks():
     """One MLP chunk would run upstream's MLP, whose activations live until the backward without checkpointing."""
     config = llama3_like()
-    assert automatic_chunk_count(8192, 14336, 4096) == 1
-    assert mlp_chunking(config, 8192) == {"num_chunks": 2}
+    assert automatic_chunk_count(4096, 14336, 4096) == 1
+    assert mlp_chunking(config, 4096) == {"num_chunks": 2}
     assert mlp_chunking(config, 2) == {"num_chunks": 2}
     assert mlp_chunking(config, 1) is None, "a single token is one chunk"
     narrow = SimpleNamespace(hidden_size=64, intermediate_size=64, vocab_size=100, mini_sequence_chunk_size=None)
@@ -79,8 +80,8 @@ def test_the_mlp_runs_at_least_two_chunks():
 
 def test_the_mlp_counts_every_row_of_the_call():
     config = llama3_like()
-    assert mlp_chunking(config, 8192, rows=1) == {"num_chunks": 2}
-    assert mlp_chunking(config, 8192, rows=4) == {"num_chunks": 4}, "4 x 8192 tokens: the budget's 4 chunks"
+    assert mlp_chunking(config, 4096, rows=1) == {"num_chunks": 2}
+    assert mlp_chunking(config, 4096, rows=4) == {"num_chunks": 4}, "4 x 4096 tokens: the budget's 4 chunks"
     assert mlp_chunking(config, 3, rows=100000) == {"num_chunks": 3}, "no more chunks than a row has tokens"
 
 
@@ -140,18 +141,18 @@ def two_ranks(other_rank_count):
 
 def test_zero3_ranks_run_the_largest_count_even_where_the_policy_picks_one_chunk():
     with two_ranks(other_rank_count=4) as offered:
-        assert loss_chunking(llama3_like(), 1000, agree_across_ranks=True) == {"num_chunks": 4}
-        assert mlp_chunking(llama3_like(), 1000, agree_across_ranks=True) == {"num_chunks": 4}
+        assert loss_chunking(llama3_like(), 500, agree_across_ranks=True) == {"num_chunks": 4}
+        assert mlp_chunking(llama3_like(), 500, agree_across_ranks=True) == {"num_chunks": 4}
     assert offered == [1, 2], "this rank's policy picked one loss chunk and two MLP chunks, and said so"
     with two_ranks(other_rank_count=1) as offered:
-        assert loss_chunking(llama3_like(), 8192, agree_across_ranks=True) == {"num_chunks": 8}
+        assert loss_chunking(llama3_like(), 8192, agree_across_ranks=True) == {"num_chunks": 16}
         assert mlp_chunking(llama3_like(), 1, agree_across_ranks=True) is None, "both ranks run unchunked"
-    assert offered == [8, 1]
+    assert offered == [16, 1]
 
 
 def test_ranks_keep_their_own_counts_without_zero3():
     with two_ranks(other_rank_count=32) as offered:
-        assert loss_chunking(llama3_like(), 8192) == {"num_chunks": 8}
+        assert loss_chunking(llama3_like(), 8192) == {"num_chunks": 16}
         assert mlp_chunking(llama3_like(), 100) == {"num_chunks": 2}
     assert offered == [], "no collective outside ZeRO-3 training"
 
@@ -159,10 +160,17 @@ def test_ranks_keep_their_own_counts_without_zero3():
 # --- tiny models, end to end --------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def recorded_chunk_counts():
-    """{"mlp": [chunks of each MLP call], "loss": [chunks of each loss call]}, from the bounds the ops ask for."""
-    from minis.ops import lm_loss, mlp
+    """{"mlp": [chunks of each MLP or MoE experts call], "loss": [chunks of each loss call]}, from the bounds the ops
+    ask for (the experts: from the chunking the policy gives them)."""
+    from minis.ops import chunk_bounds, lm_loss, mlp
 
     counts = {"mlp": [], "loss": []}
+    experts_chunking = minis_config.experts_chunking
+
+    def recording_experts(config, num_tokens, *args, **kwargs):
+        chunking = experts_chunking(config, num_tokens, *args, **kwargs)
+        counts["mlp"].append(1 if chunking is None else len(chunk_bounds(num_tokens, **chunking)))
+        return chunking
 
     def recording(kind, original):
         def chunk_bounds(seq_len, **kwargs):
@@ -175,6 +183,7 @@ def recorded_chunk_counts():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(mlp, "chunk_bounds", recording("mlp", mlp.chunk_bounds))
         patch.setattr(lm_loss, "chunk_bounds", recording("loss", lm_loss.chunk_bounds))
+        patch.setattr(minis_config, "experts_chunking", recording_experts)
         yield counts
 
 
@@ -197,12 +206,19 @@ def assert_same_step_with_counts(model, seq, batch_size=1):
     return counts
 
 
-# The tiny models (hidden 32, intermediate 88, vocabulary 257): the budget is the hidden states of 8 x 32 = 256 tokens.
+def token_wise_width(config) -> int:
+    """Intermediate elements per token of a layer's MLP: the dense MLP's, or the routed experts' (top_k of them)."""
+    if FAMILIES[config.model_type].is_moe:
+        return config.num_experts_per_tok * getattr(config, "moe_intermediate_size", config.intermediate_size)
+    return config.intermediate_size
+
+
+# The tiny models (hidden 32, intermediate 88, vocabulary 257): the budget is the hidden states of 4 x 32 = 128 tokens.
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_tiny_models_where_the_policy_picks_one_chunk(family):
     model = automatic_model(family)
     assert (model.config.hidden_size, model.config.vocab_size) == (32, 257)
-    counts = assert_same_step_with_counts(model, 31)  # 31 x 257 logits fit the budget of 256 x 32 elements
+    counts = assert_same_step_with_counts(model, 15)  # 15 x 257 logits fit the budget of 128 x 32 elements
     assert counts["loss"] == [1], "one loss chunk: the whole sequence"
     assert counts["mlp"] == [2] * model.config.num_hidden_layers, "the MLP's minimum"
 
@@ -212,7 +228,8 @@ def test_tiny_models_where_the_policy_picks_many_chunks(family):
     model = automatic_model(family)
     layers = model.config.num_hidden_layers
     assert (model.config.hidden_size, model.config.intermediate_size, model.config.vocab_size) == (32, 88, 257)
-    counts = assert_same_step_with_counts(model, 8 * 32 + 5)  # the paper's counts: ceil(88 / 32), ceil(257 / 32)
-    assert counts == {"mlp": [3] * layers, "loss": [9]}
-    counts = assert_same_step_with_counts(model, 100)  # below 256 tokens: ceil(100 x width / (256 x 32)) chunks
-    assert counts == {"mlp": [2] * layers, "loss": [4]}
+    width = token_wise_width(model.config)  # 88 dense; MoE: 2 x 40 (qwen3_moe), 2 x 88 (mixtral)
+    counts = assert_same_step_with_counts(model, 4 * 32 + 5)  # the paper's counts: ceil(width / 32), ceil(257 / 32)
+    assert counts == {"mlp": [-(-width // 32)] * layers, "loss": [9]}
+    counts = assert_same_step_with_counts(model, 60)  # below 128 tokens: ceil(60 x width / (128 x 32)) chunks
+    assert counts == {"mlp": [max(2, -(-60 * width // (128 * 32)))] * layers, "loss": [4]}

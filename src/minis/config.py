@@ -19,15 +19,15 @@ fails when the config is built or loaded, with a message naming the attribute, t
 The automatic chunk policy (`automatic_chunk_count`, used where a chunk size is None) chunks only as much as the
 memory goal needs. A call of `n` tokens (the MLP: every row of the call; the loss: batch x seq) has an
 intermediate of `width` elements per token (`intermediate_size` for the MLP, `vocab_size` for the LM head). One
-chunk's intermediate may hold the hidden states of `max(n, 8 * hidden_size)` tokens:
+chunk's intermediate may hold the hidden states of `max(n, 4 * hidden_size)` tokens:
 
-    count = ceil(n * width / (max(n, 8 * hidden_size) * hidden_size)), between 1 and n
+    count = ceil(n * width / (max(n, 4 * hidden_size) * hidden_size)), between 1 and n
 
-- From `8 * hidden_size` tokens on (32K for hidden size 4096) that is the MST paper's budget, one chunk's
+- From `4 * hidden_size` tokens on (16K for hidden size 4096) that is the MST paper's budget, one chunk's
   intermediate no larger than the call's hidden states: `ceil(width / hidden_size)` chunks (Llama-3-8B: 4 MLP
   chunks, 32 LM-head chunks). The lengths minis is for chunk exactly as before.
-- Shorter calls keep the budget of an `8 * hidden_size`-token call: fewer, larger chunks, each holding at least
-  half of `8 * hidden_size**2 / width` tokens (Llama-3-8B's LM head at 8K tokens: 8 chunks of 1024, where the
+- Shorter calls keep the budget of a `4 * hidden_size`-token call: fewer, larger chunks, each holding at least
+  half of `4 * hidden_size**2 / width` tokens (Llama-3-8B's LM head at 8K tokens: 16 chunks of 512, where the
   paper's count ran 32 of 256). Each chunk costs work sized by the weight, not by the chunk: kernel launches,
   reading the weight, adding a trainable weight's gradient into an fp32 accumulator.
 - A call whose whole intermediate fits the budget is one chunk; the loss then still runs minis' way (no logits).
@@ -35,11 +35,12 @@ chunk's intermediate may hold the hidden states of `max(n, 8 * hidden_size)` tok
   a one-chunk MLP as upstream's code, which without activation checkpointing keeps four `(tokens, intermediate)`
   activations in every layer until the backward (Llama-3-8B at 8K tokens: 28 GiB in bf16).
 
-The memory this gives up: below `8 * hidden_size` tokens a chunk holds up to `8 * hidden_size**2` elements of
-intermediate (Llama-3-8B: a 1024-token LM-head chunk, about 1.2 GiB of bf16 and fp32 logits and fp32 softmax
-gradient), where the paper's count kept one of the call's hidden states. From `8 * hidden_size` tokens on nothing
-changes, so neither do the longest sequences `minis plan` predicts at 32K tokens and more; some shorter ones drop
-(docs/design.md, "How many chunks", gives the planner's figures).
+The memory this gives up: below `4 * hidden_size` tokens a chunk holds up to `4 * hidden_size**2` elements of
+intermediate (Llama-3-8B: a 512-token LM-head chunk, about 0.6 GiB of bf16 and fp32 logits and fp32 softmax
+gradient), where the paper's count kept one of the call's hidden states. From `4 * hidden_size` tokens on nothing
+changes. With the factor 4 the planner's longest sequences below 32K stay where they were (a factor of 8 cost
+Llama-2-7B full fine-tuning with checkpointing 12% of its length); docs/design.md, "How many chunks", gives the
+figures.
 
 Explicit `mini_sequence_chunk_size` / `mini_sequence_loss_chunk_size` values win over the policy (and over the
 MLP's minimum), at every length. Under DeepSpeed ZeRO-3, in a grad-enabled training forward, every rank runs the
@@ -55,6 +56,7 @@ __all__ = [
     "CONFIG_DEFAULTS",
     "ValidatedSetting",
     "automatic_chunk_count",
+    "experts_chunking",
     "loss_chunking",
     "mini_sequence_offload",
     "mlp_chunking",
@@ -155,7 +157,7 @@ def _agree_on_chunk_count(local_count: int, device) -> int:
 
 
 # One chunk's intermediate is at most the hidden states of max(tokens, this many x hidden_size) tokens.
-BUDGET_FLOOR_TOKENS_PER_HIDDEN = 8
+BUDGET_FLOOR_TOKENS_PER_HIDDEN = 4
 
 
 def automatic_chunk_count(tokens: int, width: int, hidden_size: int) -> int:
@@ -167,16 +169,16 @@ def automatic_chunk_count(tokens: int, width: int, hidden_size: int) -> int:
         hidden_size: the model's hidden size.
 
     Returns:
-        `ceil(tokens * width / (max(tokens, 8 * hidden_size) * hidden_size))`, between 1 and `tokens`: one chunk's
-        intermediate is at most the hidden states of the call, or of an `8 * hidden_size`-token call where the call
+        `ceil(tokens * width / (max(tokens, 4 * hidden_size) * hidden_size))`, between 1 and `tokens`: one chunk's
+        intermediate is at most the hidden states of the call, or of a `4 * hidden_size`-token call where the call
         is shorter. (The MLP's minimum of 2 chunks is `mlp_chunking`'s.) See the module docstring for why.
 
     Example:
         >>> automatic_chunk_count(65536, 128256, 4096)   # Llama-3-8B's LM head at 64K tokens: 32 chunks of 2048
         32
-        >>> automatic_chunk_count(8192, 128256, 4096)    # at 8K: 8 chunks of 1024, not 32 of 256
-        8
-        >>> automatic_chunk_count(1024, 128256, 4096)    # 1024 x 128256 logits fit the budget: one chunk
+        >>> automatic_chunk_count(8192, 128256, 4096)    # at 8K: 16 chunks of 512, not 32 of 256
+        16
+        >>> automatic_chunk_count(512, 128256, 4096)     # 512 x 128256 logits fit the budget: one chunk
         1
     """
     for name, value in (("tokens", tokens), ("width", width), ("hidden_size", hidden_size)):
@@ -211,9 +213,23 @@ def mlp_chunking(
     `rows`: how many sequences the call holds (the product of the input's leading dimensions). A chunk takes
     its token range from every row, so the automatic policy counts `rows * seq_len` tokens.
     """
+    return _token_wise_chunking(config, seq_len, rows, config.intermediate_size, agree_across_ranks, device)
+
+
+def experts_chunking(
+    config: Any, num_tokens: int, width: int, device=None, *, agree_across_ranks: bool = False
+) -> dict[str, int] | None:
+    """How a mixture-of-experts call splits its `num_tokens` tokens (batch x seq, flattened), whose routed
+    intermediate is `width` elements per token (top_k x the experts' intermediate size), or None for no chunking.
+    The dense MLP's policy and setting (`mini_sequence_chunk_size`), with the tokens counted as one row."""
+    return _token_wise_chunking(config, num_tokens, 1, width, agree_across_ranks, device)
+
+
+def _token_wise_chunking(config: Any, seq_len: int, rows: int, width: int, agree_across_ranks: bool,
+                         device) -> dict[str, int] | None:
     chunk_size = _read(config, "mini_sequence_chunk_size")
     if chunk_size is None:
-        hidden, width = config.hidden_size, config.intermediate_size
+        hidden = config.hidden_size
         # At least 2 chunks (where long calls get 2 or more): one would run upstream's MLP, whose activations stay
         # alive until the backward without activation checkpointing. At most one per token of a row.
         at_least = min(2, math.ceil(width / hidden))

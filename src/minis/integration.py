@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import math
 import sys
 from typing import Any
 
@@ -47,7 +46,8 @@ def _mini_sequence_mlp_forward(upstream_forward):
         agree_across_ranks = _chunked_call_allowed(self, self)
         if agree_across_ranks is None:
             return upstream_forward(self, x)
-        chunking = minis_config.mlp_chunking(config, x.shape[-2], x.device, agree_across_ranks=agree_across_ranks)
+        chunking = minis_config.mlp_chunking(config, x.shape[-2], x.device, rows=x.shape[:-2].numel(),
+                                             agree_across_ranks=agree_across_ranks)
         if chunking is None:
             return upstream_forward(self, x)
         try:
@@ -340,9 +340,10 @@ def _mini_sequence_experts_forward(upstream_forward):
     Every `experts_implementation` goes through: this wraps the class's `forward`, which transformers' dispatcher
     (`use_experts_implementation`) resolves per call, so "eager", "grouped_mm" (the default), "batched_mm" and any
     registered kernel run per chunk; all of them treat tokens independently. Chunk count: `mini_sequence_chunk_size`
-    tokens per chunk, counted over batch x seq (the experts see the batch's tokens flattened), or automatically
-    `ceil(top_k * moe_intermediate / hidden)` chunks, which makes one chunk's expert intermediate about the size of
-    the hidden states, as for dense MLPs.
+    tokens per chunk, counted over batch x seq (the experts see the batch's tokens flattened), or the dense MLP's
+    automatic policy with the routed intermediate (`config.experts_chunking`): from 4 x hidden tokens on,
+    `ceil(top_k * moe_intermediate / hidden)` chunks, one chunk's expert intermediate about the size of the hidden
+    states.
     """
     import torch
 
@@ -407,16 +408,12 @@ def _parametrized_from_outside(experts) -> bool:
 def _experts_chunking(experts, hidden_states, top_k_index, agree_across_ranks: bool) -> dict[str, int] | None:
     """`chunk_bounds` arguments for the experts' call on `hidden_states` (tokens x hidden), or None: unchunked.
 
-    Automatic count: `ceil(top_k * moe_intermediate / hidden)`, the dense MLP rule applied to the intermediate
-    each token really has (its `top_k` experts' activations).
+    The dense MLP's policy (`config.experts_chunking`), applied to the intermediate each token really has: its
+    `top_k` experts' activations, `top_k * moe_intermediate` wide.
     """
     top_k = top_k_index.shape[-1] if top_k_index.dim() > 1 else 1
-    auto = max(1, math.ceil(top_k * experts.intermediate_dim / hidden_states.shape[-1]))
-    chunk_size = minis_config.validate_setting(
-        "mini_sequence_chunk_size", getattr(experts.config, "mini_sequence_chunk_size", None)
-    )
-    # The dense MLP's policy (`config.mlp_chunking`) with this count; `_chunking` is where config.py keeps it.
-    return minis_config._chunking(hidden_states.shape[0], auto, chunk_size, agree_across_ranks, hidden_states.device)
+    return minis_config.experts_chunking(experts.config, hidden_states.shape[0], top_k * experts.intermediate_dim,
+                                         hidden_states.device, agree_across_ranks=agree_across_ranks)
 
 
 class _RouterAuxLoss:
