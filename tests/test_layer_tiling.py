@@ -27,7 +27,9 @@ TOLERANCE = 1e-5
 
 @pytest.fixture
 def tiny_budget(monkeypatch):
-    """A budget of 64 fp32 bytes: every norm and projection input of the tiny models is split into many chunks."""
+    """Tiling from 64 fp32 bytes on, in chunks of 64 bytes: every norm and projection input of the tiny models is
+    split into many chunks."""
+    monkeypatch.setattr(layer_tiling, "TILE_START_BYTES", 64)
     monkeypatch.setattr(layer_tiling, "TILE_CHUNK_BYTES", 64)
 
 
@@ -185,9 +187,9 @@ def test_untiled_when_short_in_eval_switched_off_or_outside_a_model():
     model = make_model("llama")
     _, _, counts = step(model, True, random_batch())
     assert counts == {"norm": 0, "projection": 0}
-    layer_tiling_budget = layer_tiling.TILE_CHUNK_BYTES
+    limits = layer_tiling.TILE_START_BYTES, layer_tiling.TILE_CHUNK_BYTES
     try:
-        layer_tiling.TILE_CHUNK_BYTES = 64
+        layer_tiling.TILE_START_BYTES = layer_tiling.TILE_CHUNK_BYTES = 64
         # eval mode, and `use_mini_sequence=False`: upstream's norm.
         with tiled_calls() as counts:
             model.eval()
@@ -201,7 +203,7 @@ def test_untiled_when_short_in_eval_switched_off_or_outside_a_model():
         assert counts == {"norm": 0, "projection": 0}
         assert out.grad_fn.name() != "_MiniSequenceFunctionBackward"
     finally:
-        layer_tiling.TILE_CHUNK_BYTES = layer_tiling_budget
+        layer_tiling.TILE_START_BYTES, layer_tiling.TILE_CHUNK_BYTES = limits
 
 
 def test_tiling_lowers_the_peak_of_a_checkpointed_lora_step(monkeypatch):
@@ -219,26 +221,35 @@ def test_tiling_lowers_the_peak_of_a_checkpointed_lora_step(monkeypatch):
     ids = torch.zeros((1, seq), dtype=torch.long)
     batch = {"input_ids": ids, "labels": ids.clone(), "use_cache": False}
     fp32_copy = seq * hidden * 4
+    monkeypatch.setattr(layer_tiling, "TILE_CHUNK_BYTES", fp32_copy // 4)
     peaks = []
-    for budget in (1 << 40, fp32_copy // 4):
-        monkeypatch.setattr(layer_tiling, "TILE_CHUNK_BYTES", budget)
+    for start in (fp32_copy, fp32_copy - 1):  # not tiled, then tiled into 4 chunks
+        monkeypatch.setattr(layer_tiling, "TILE_START_BYTES", start)
         with tiled_calls() as counts:
             peaks.append(measure_training_step_peak(model, batch, fake=True))
-        assert (counts["norm"] > 0 and counts["projection"] > 0) == (budget < fp32_copy), counts
+        assert (counts["norm"] > 0 and counts["projection"] > 0) == (start < fp32_copy), counts
     untiled, tiled = peaks
     assert untiled - tiled >= 2 * fp32_copy, (untiled, tiled)
 
 
 def test_token_chunk_bounds():
     x = torch.empty(2, 100, 8)  # 6400 fp32 bytes
-    assert layer_tiling.token_chunk_bounds(x, budget=6400) is None
-    seq_dim, bounds = layer_tiling.token_chunk_bounds(x, budget=1000)
+    assert layer_tiling.token_chunk_bounds(x, start=6400, budget=1000) is None  # not over the start
+    seq_dim, bounds = layer_tiling.token_chunk_bounds(x, start=6399, budget=1000)
     assert seq_dim == 1 and len(bounds) == 7 and bounds[0] == (0, 14) and bounds[-1][1] == 100
-    assert len(layer_tiling.token_chunk_bounds(x, budget=1)[1]) == 100  # at most one chunk per token
-    assert layer_tiling.token_chunk_bounds(torch.empty(100, 8), budget=1000)[0] == 0
+    assert layer_tiling.token_chunk_bounds(x, start=0, budget=6400) is None  # one chunk: nothing to tile
+    assert len(layer_tiling.token_chunk_bounds(x, start=0, budget=1)[1]) == 100  # at most one chunk per token
+    assert layer_tiling.token_chunk_bounds(torch.empty(100, 8), start=0, budget=1000)[0] == 0
+    # The defaults: Llama-3-8B's hidden states are tiled from 128K tokens on, in 16K-token chunks.
+    assert layer_tiling.token_chunk_bounds(torch.empty(1, 131072, 4096, device="meta")) is None
+    seq_dim, bounds = layer_tiling.token_chunk_bounds(torch.empty(1, 131073, 4096, device="meta"))
+    assert len(bounds) == 9 and bounds[0] == (0, 131073 // 9)
     for bad in (0, -5, 2.5, True, "1GiB"):
         with pytest.raises(ValueError, match=f"budget must be a positive number of bytes, got {bad!r}"):
             layer_tiling.token_chunk_bounds(x, budget=bad)
+    for bad in (-1, 2.5, True, "2GiB"):
+        with pytest.raises(ValueError, match=f"start must be a number of bytes >= 0, got {bad!r}"):
+            layer_tiling.token_chunk_bounds(x, start=bad)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -267,4 +278,4 @@ def test_disable_restores_upstream_norm_attention_and_post_init():
         assert "_minis_config" not in model.model.norm.__dict__
     finally:
         minis.enable()
-    assert modeling_llama.LlamaRMSNorm.forward is patched
+    assert modeling_llama.LlamaRMSNorm.forward._minis_upstream is patched._minis_upstream  # patched again

@@ -23,8 +23,8 @@ What is tiled:
   wraps. A plain `nn.Linear` has no fp32 copy to save and would only pay the recompute, so it is left alone.
 
 When: in training mode (`module.training`, with or without grad: reentrant checkpointing runs its first forward
-under `no_grad`) when the input's fp32 size is over `TILE_CHUNK_BYTES`; the sequence is then split into
-`ceil(numel * 4 / TILE_CHUNK_BYTES)` chunks. Shorter sequences, eval, `generate()` and `use_mini_sequence=False` run
+under `no_grad`) when the input's fp32 size is over `TILE_START_BYTES` (2 GiB: 128K tokens of a 4096-wide model);
+the sequence is then split into `ceil(numel * 4 / TILE_CHUNK_BYTES)` chunks (16K tokens each at that width). Shorter sequences, eval, `generate()` and `use_mini_sequence=False` run
 upstream's `forward`. The rules of the MLP apply (`integration._chunked_call_allowed`): upstream's code while
 torch.compile traces, under vmap/jvp and for sequence-dependent adapters (aLoRA, X-LoRA). Under DeepSpeed ZeRO-3
 norms and projections run upstream's code: a norm's weight is gathered only while the norm itself runs, and the
@@ -32,7 +32,9 @@ projections' chunk counts would need a collective.
 
 Cost: each tiled call runs its forward once more than upstream (the backward recomputes each chunk): three times
 with non-reentrant checkpointing instead of two. For a norm that is one more memory-bound pass over the sequence; for
-a LoRA projection one more frozen-weight matmul (q/k/v/o are about a fifth of Llama-3-8B's layer matmuls).
+a LoRA projection one more frozen-weight matmul (q/k/v/o are about a fifth of Llama-3-8B's layer matmuls). Attention
+grows with the square of the length and these with the length, so the share shrinks as the sequence grows: this is
+why tiling starts at `TILE_START_BYTES`, near where the layer's working set becomes the wall, and not earlier.
 
 Hooks: the tiled module's `__call__` runs once per call, so its forward (pre-)hooks fire once with the whole
 sequence; submodules of a projection (PEFT's `base_layer`, `lora_A`, ...) are called per chunk, as the MLP's
@@ -57,27 +59,36 @@ from .families import Family
 
 __all__ = ["TILE_CHUNK_BYTES", "patch_modeling_module", "token_chunk_bounds", "unpatch_family"]
 
-# fp32 bytes of one chunk of a tiled norm or projection input. 256 MiB is 16K tokens of a 4096-wide model: at 512K
-# tokens a norm runs 32 chunks and its backward holds about 1.3 GiB of fp32 tensors instead of 40 GiB. The MLP and the
-# LM head size their chunks in `minis.config`; this is the budget of the layer's other token-wise parts, set here only.
+# When and how finely: a norm's or projection's input is tiled when its fp32 size is over TILE_START_BYTES, into chunks
+# of at most TILE_CHUNK_BYTES of fp32. For a 4096-wide model (Llama-3-8B) that is from 128K tokens on, in chunks of
+# 16K tokens: at 512K tokens a norm runs 32 chunks and its backward holds about 1.3 GiB of fp32 tensors instead of
+# 40 GiB. Below the start the layer's whole-sequence tensors are not what limits the length, and tiling would only
+# add its recompute (see "Cost"); the MLP and the LM head size their own chunks in `minis.config`.
+TILE_START_BYTES = 2 << 30
 TILE_CHUNK_BYTES = 256 << 20
 
 _CONFIG_ATTRIBUTE = "_minis_config"  # set on each norm module of a model by the patched `post_init`
 _UPSTREAM = "_minis_upstream"  # as in `minis.integration`: the replaced method, restored by `unpatch_family`
 
 
-def token_chunk_bounds(hidden_states: Any, budget: int | None = None) -> tuple[int, list[tuple[int, int]]] | None:
-    """`(seq_dim, chunk bounds)` for a token-wise module's input whose fp32 size is over `budget` bytes, else None.
+def token_chunk_bounds(
+    hidden_states: Any, *, start: int | None = None, budget: int | None = None
+) -> tuple[int, list[tuple[int, int]]] | None:
+    """`(seq_dim, chunk bounds)` for a token-wise module's input whose fp32 size is over `start` bytes, else None.
 
     The chunks split the sequence axis (axis 1 of a `(batch, seq, ...)` input, axis 0 of `(tokens, hidden)`) into
-    `ceil(numel * 4 / budget)` near-equal ranges, at most one per token. `budget` defaults to `TILE_CHUNK_BYTES`.
+    `ceil(numel * 4 / budget)` near-equal ranges, at most one per token. `start` and `budget` default to
+    `TILE_START_BYTES` and `TILE_CHUNK_BYTES`.
     """
     from .ops import chunk_bounds
 
+    start = TILE_START_BYTES if start is None else start
     budget = TILE_CHUNK_BYTES if budget is None else budget
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise ValueError(f"the tiling start must be a number of bytes >= 0, got {start!r}")
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ValueError(f"the tile chunk budget must be a positive number of bytes, got {budget!r}")
-    if hidden_states.dim() < 2:
+    if hidden_states.dim() < 2 or hidden_states.numel() * 4 <= start:
         return None
     seq_dim = 1 if hidden_states.dim() >= 3 else 0
     seq_len = hidden_states.shape[seq_dim]
@@ -165,7 +176,8 @@ def _tiled_attention_forward(upstream_forward, projection_names: tuple[str, ...]
             if projection is not None and next(projection.children(), None) is not None
             and "forward" not in projection.__dict__
         ]
-        if not projections or getattr(hidden_states, "dim", lambda: 0)() < 2 or token_chunk_bounds(hidden_states) is None:
+        long_enough = getattr(hidden_states, "dim", lambda: 0)() >= 2 and token_chunk_bounds(hidden_states) is not None
+        if not projections or not long_enough:
             return upstream_forward(self, hidden_states, *args, **kwargs)
         with _projections_tiled(projections):
             return upstream_forward(self, hidden_states, *args, **kwargs)
