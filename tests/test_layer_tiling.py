@@ -102,11 +102,22 @@ def assert_same_step(model, batch, expect_projections=False):
 
 
 def enable_checkpointing(model, checkpointing):
+    """None, "reentrant", "non-reentrant", or "offload" (non-reentrant with the checkpoints in host memory)."""
     if checkpointing is None:
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+    kwargs = {"use_reentrant": checkpointing == "reentrant"}
+    offload = {"offload": True} if checkpointing == "offload" else {}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **offload)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **offload)
     if checkpointing == "reentrant":
         model.enable_input_require_grads()
+    if checkpointing == "offload":
+        from minis.checkpoint_offload import offloader_of
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        assert offloader_of(base) is not None
 
 
 @pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
@@ -118,7 +129,7 @@ def test_full_training_step_matches_upstream(family, checkpointing, tiny_budget)
     assert_same_step(model, random_batch())
 
 
-@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant", "offload"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_lora_with_dropout_matches_upstream(family, checkpointing, tiny_budget):
     """LoRA (dropout 0.1) on every attention projection: the projections are tiled too, with the same masks."""
