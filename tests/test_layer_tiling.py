@@ -243,6 +243,27 @@ def test_tiling_lowers_the_peak_of_a_checkpointed_lora_step(monkeypatch):
     assert untiled - tiled >= 2 * fp32_copy, (untiled, tiled)
 
 
+def test_compiled_training_step_runs_upstreams_norms_and_projections(tiny_budget):
+    """torch.compile cannot trace the chunked function: compiled, the norms and projections run upstream's code
+    (no tiled call), and the step equals the eager, tiled one."""
+    pytest.importorskip("peft")
+    model = lora_model("llama", lora_dropout=0.0)
+    batch = random_batch(seq=21)
+    eager_loss, eager_grads, eager_counts = step(model, True, batch)
+    assert eager_counts["norm"] > 0 and eager_counts["projection"] > 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with pytest.warns(RuntimeWarning):  # the MLP's one warning about compiling, when not given earlier
+        from minis import _warn
+
+        _warn._warned.discard("torch-compile")
+        loss, grads, counts = step(compiled, True, batch)
+    assert counts == {"norm": 0, "projection": 0}
+    assert relative_error(loss, eager_loss) < TOLERANCE
+    for name, grad in eager_grads.items():
+        assert relative_error(grads["_orig_mod." + name], grad) < TOLERANCE, name
+
+
 def test_token_chunk_bounds():
     x = torch.empty(2, 100, 8)  # 6400 fp32 bytes
     assert layer_tiling.token_chunk_bounds(x, start=6400, budget=1000) is None  # not over the start

@@ -164,10 +164,18 @@ def _projections_tiled(projections: Sequence[Any]) -> Iterator[None]:
 def _tiled_attention_forward(upstream_forward, projection_names: tuple[str, ...]):
     """The family attention's `forward`, with its adapter-wrapped projections tiled during long training forwards."""
 
+    import torch
+
     @functools.wraps(upstream_forward)
     def forward(self, hidden_states, *args, **kwargs):
         config = getattr(self, "config", None)
-        if config is None or not self.training or not minis_config.use_mini_sequence(config):
+        # While torch.compile traces, the projections keep their own forward (setting one would be traced too).
+        if (
+            config is None
+            or not self.training
+            or torch.compiler.is_compiling()
+            or not minis_config.use_mini_sequence(config)
+        ):
             return upstream_forward(self, hidden_states, *args, **kwargs)
         projections = [
             projection
