@@ -16,6 +16,10 @@ A row holds:
   load-balancing loss (upstream's `load_balancing_loss_func`, added by the causal LM) cover all tokens;
 - what differs in the LM head, as names of config attributes: `final_logit_softcapping` (Gemma-2/3:
   `cap * tanh(logits / cap)`) and `logits_scaling` (Granite: `logits / scaling`), both applied before the loss;
+- `norm_class`: the RMSNorm class of the decoder layers (also the final norm, and Qwen3/OLMo-2/Gemma-3's
+  `q_norm`/`k_norm`); its `forward` runs over sequence chunks in long training forwards (`minis.layer_tiling`);
+- `attention_class` and `attention_projections`: the attention module and its token-wise projections (names of
+  its children); adapter-wrapped projections (PEFT LoRA) run over sequence chunks in long training forwards;
 - `supports_sdpa`: False where transformers refuses SDPA attention for the family (Gemma-2's score softcapping);
 - `tiny_config`: the fields that, on top of `TINY_COMMON`, give a small test model exercising what the family
   does differently, and `scaled_fields`: fields the demo sets from its sizes (`"head_dim"` or `"half_seq"`).
@@ -53,6 +57,9 @@ class Family:
     pretrained_class: str
     mlp_class: str | None
     causal_lm_class: str
+    norm_class: str | None = None
+    attention_class: str | None = None
+    attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     softcapping_attribute: str | None = None
     logits_scaling_attribute: str | None = None
     supports_sdpa: bool = True
@@ -65,12 +72,19 @@ class Family:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.isidentifier():
                 raise ValueError(f"Family.{name} must be an identifier, got {value!r}")
-        for name in ("mlp_class", "experts_class"):
+        for name in ("mlp_class", "experts_class", "norm_class", "attention_class"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.isidentifier()):
                 raise ValueError(f"Family.{name} must be an identifier or None, got {value!r}")
         if self.mlp_class is None and self.experts_class is None:
             raise ValueError(f"{self.model_type}: a family needs an mlp_class, an experts_class or both; got neither")
+        if not isinstance(self.attention_projections, tuple) or not all(
+            isinstance(name, str) and name.isidentifier() for name in self.attention_projections
+        ):
+            raise ValueError(
+                f"{self.model_type}: attention_projections must be a tuple of identifiers, got "
+                f"{self.attention_projections!r}"
+            )
         for name, source in self.scaled_fields.items():
             if source not in _SCALED_FIELD_SOURCES:
                 raise ValueError(
@@ -117,33 +131,44 @@ _GEMMA_SCALED = {"query_pre_attn_scalar": "head_dim", "sliding_window": "half_se
 
 _ROWS = (
     Family("llama", "llama", "LlamaConfig", "LlamaPreTrainedModel", "LlamaMLP", "LlamaForCausalLM",
+           norm_class="LlamaRMSNorm", attention_class="LlamaAttention",
            tiny_config=dict(tie_word_embeddings=False)),
     Family("qwen2", "qwen2", "Qwen2Config", "Qwen2PreTrainedModel", "Qwen2MLP", "Qwen2ForCausalLM",
+           norm_class="Qwen2RMSNorm", attention_class="Qwen2Attention",
            tiny_config=dict(tie_word_embeddings=True)),
     Family("mistral", "mistral", "MistralConfig", "MistralPreTrainedModel", "MistralMLP", "MistralForCausalLM",
+           norm_class="MistralRMSNorm", attention_class="MistralAttention",
            tiny_config=dict(tie_word_embeddings=False, sliding_window=None)),
     Family("gemma2", "gemma2", "Gemma2Config", "Gemma2PreTrainedModel", "Gemma2MLP", "Gemma2ForCausalLM",
+           norm_class="Gemma2RMSNorm", attention_class="Gemma2Attention",
            softcapping_attribute="final_logit_softcapping", supports_sdpa=False,
            tiny_config=dict(head_dim=8, query_pre_attn_scalar=8, final_logit_softcapping=30.0,
                             attn_logit_softcapping=50.0, sliding_window=64, tie_word_embeddings=True),
            scaled_fields=_GEMMA_SCALED),
     Family("qwen3", "qwen3", "Qwen3Config", "Qwen3PreTrainedModel", "Qwen3MLP", "Qwen3ForCausalLM",
+           norm_class="Qwen3RMSNorm", attention_class="Qwen3Attention",
            tiny_config=dict(head_dim=8, tie_word_embeddings=True)),  # upstream's head_dim default is 128
     Family("olmo2", "olmo2", "Olmo2Config", "Olmo2PreTrainedModel", "Olmo2MLP", "Olmo2ForCausalLM",
+           norm_class="Olmo2RMSNorm", attention_class="Olmo2Attention",
            tiny_config=dict(pad_token_id=0, eos_token_id=2, tie_word_embeddings=False)),
     Family("smollm3", "smollm3", "SmolLM3Config", "SmolLM3PreTrainedModel", "SmolLM3MLP", "SmolLM3ForCausalLM",
+           norm_class="SmolLM3RMSNorm", attention_class="SmolLM3Attention",
            # Token ids default to Llama-3's (128k); `no_rope_layer_interval` 2 makes the second layer skip RoPE.
            tiny_config=dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, no_rope_layer_interval=2,
                             tie_word_embeddings=True)),
     Family("phi3", "phi3", "Phi3Config", "Phi3PreTrainedModel", "Phi3MLP", "Phi3ForCausalLM",
+           norm_class="Phi3RMSNorm", attention_class="Phi3Attention",
+           attention_projections=("qkv_proj", "o_proj"),
            # Its MLP fuses gate and up in one `gate_up_proj`: still token by token.
            tiny_config=dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)),
     Family("granite", "granite", "GraniteConfig", "GranitePreTrainedModel", "GraniteMLP", "GraniteForCausalLM",
+           norm_class="GraniteRMSNorm", attention_class="GraniteAttention",
            logits_scaling_attribute="logits_scaling",
            # Real Granite models use logits_scaling 8 or 16 and multipliers != 1; 1.0 would not test the scaling.
            tiny_config=dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5,
                             attention_multiplier=0.25, tie_word_embeddings=True)),
     Family("gemma3_text", "gemma3", "Gemma3TextConfig", "Gemma3PreTrainedModel", "Gemma3MLP", "Gemma3ForCausalLM",
+           norm_class="Gemma3RMSNorm", attention_class="Gemma3Attention",
            softcapping_attribute="final_logit_softcapping",
            # A window shorter than the tests' 50 tokens on every other layer (upstream: 5 of 6), starting with the
            # first: sliding and full attention both run, whatever the number of layers.
@@ -154,13 +179,14 @@ _ROWS = (
     # that with `output_router_logits=True` (tests/test_moe.py) a wrong auxiliary loss or gradient shows; they keep
     # upstream's default `output_router_logits=False`. Top-2 of 8 experts leaves most experts idle in a small chunk.
     Family("qwen3_moe", "qwen3_moe", "Qwen3MoeConfig", "Qwen3MoePreTrainedModel", "Qwen3MoeMLP", "Qwen3MoeForCausalLM",
-           experts_class="Qwen3MoeExperts",
+           experts_class="Qwen3MoeExperts", norm_class="Qwen3MoeRMSNorm", attention_class="Qwen3MoeAttention",
            # Every layer is MoE, as in Qwen3-30B-A3B; tests/test_moe.py also makes a layer dense (`mlp_only_layers`),
            # which the row's `Qwen3MoeMLP` chunks.
            tiny_config=dict(head_dim=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=40,
                             norm_topk_prob=True, router_aux_loss_coef=0.1, tie_word_embeddings=False)),
     Family("mixtral", "mixtral", "MixtralConfig", "MixtralPreTrainedModel", None, "MixtralForCausalLM",
            experts_class="MixtralExperts",  # every layer is MoE: there is no dense MLP class
+           norm_class="MixtralRMSNorm", attention_class="MixtralAttention",
            tiny_config=dict(num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.1,
                             tie_word_embeddings=False)),
 )

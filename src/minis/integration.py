@@ -23,6 +23,7 @@ from typing import Any
 
 from . import checkpoint_offload
 from . import config as minis_config
+from . import layer_tiling
 from ._marker import UPSTREAM_MARKER as _UPSTREAM
 from ._warn import warn_once
 from .families import FAMILIES, Family, family_of_module
@@ -503,6 +504,7 @@ def patch_modeling_module(module) -> None:
         setattr(from_config, _UPSTREAM, None)
         pretrained_class._from_config = from_config
     checkpoint_offload.patch_pretrained_class(pretrained_class)
+    layer_tiling.patch_modeling_module(module, family)
 
 
 def unpatch_family(family: Family) -> None:
@@ -517,6 +519,7 @@ def unpatch_family(family: Family) -> None:
         if is_patched_method(pretrained_class.__dict__.get("_from_config")):
             del pretrained_class._from_config
         checkpoint_offload.unpatch_pretrained_class(pretrained_class)
+    layer_tiling.unpatch_family(family)
     configuration = sys.modules.get(family.configuration_module)
     if configuration is not None:
         config_class = getattr(configuration, family.config_class)
