@@ -9,7 +9,13 @@ import torch
 from helpers import relative_error, training_step
 
 from minis import config as minis_config
-from minis.config import BUDGET_FLOOR_TOKENS_PER_HIDDEN, automatic_chunk_count, loss_chunking, mlp_chunking
+from minis.config import (
+    BUDGET_FLOOR_TOKENS_PER_HIDDEN,
+    MLP_CHUNK_CAP_TOKENS_PER_HIDDEN,
+    automatic_chunk_count,
+    loss_chunking,
+    mlp_chunking,
+)
 from minis.families import FAMILIES
 from minis.planner import load_model_config
 from minis.testing import FAMILY_NAMES, tiny_model
@@ -93,11 +99,25 @@ def test_the_demo_model_keeps_its_chunking():
 
 @pytest.mark.parametrize("preset", ["llama-3-8b", "llama-2-7b", "qwen2-7b", "mistral-7b", "gemma-2-9b"])
 def test_presets_from_32k_tokens_on_run_the_papers_counts(preset):
-    """The lengths where minis matters chunk as before, so their memory (and `minis plan`'s lengths) stay."""
+    """The lengths where minis matters chunk as before, so their memory (and `minis plan`'s lengths) stay; past
+    paper-count x 4 x hidden tokens the MLP's cap adds chunks (only smaller ones)."""
     config = load_model_config(preset)
+    paper_mlp = -(-config.intermediate_size // config.hidden_size)
     for tokens in (32768, 65536, 131072):
         assert loss_chunking(config, tokens) == {"num_chunks": -(-config.vocab_size // config.hidden_size)}
-        assert mlp_chunking(config, tokens) == {"num_chunks": -(-config.intermediate_size // config.hidden_size)}
+        capped = -(-tokens // (MLP_CHUNK_CAP_TOKENS_PER_HIDDEN * config.hidden_size))
+        assert mlp_chunking(config, tokens) == {"num_chunks": max(paper_mlp, capped)}
+
+
+def test_mlp_chunks_never_exceed_the_cap():
+    """At 512K tokens the paper's 4 chunks would be 128K tokens each; the cap makes them 16K (hidden 4096)."""
+    config = llama3_like()
+    assert MLP_CHUNK_CAP_TOKENS_PER_HIDDEN == 4
+    assert mlp_chunking(config, 65536) == {"num_chunks": 4}, "up to 16 x hidden tokens: the paper's count"
+    assert mlp_chunking(config, 524288) == {"num_chunks": 32}
+    assert mlp_chunking(config, 65536, rows=8) == {"num_chunks": 32}, "counted over every row"
+    assert mlp_chunking(llama3_like(mini_sequence_chunk_size=131072), 524288) == {"chunk_size": 131072}, \
+        "an explicit size still wins"
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,11 @@ chunk's intermediate may hold the hidden states of `max(n, 4 * hidden_size)` tok
 - The MLP runs at least 2 chunks (unless `intermediate_size <= hidden_size` or the row has one token): minis runs
   a one-chunk MLP as upstream's code, which without activation checkpointing keeps four `(tokens, intermediate)`
   activations in every layer until the backward (Llama-3-8B at 8K tokens: 28 GiB in bf16).
+- An MLP chunk never holds more than `4 * hidden_size` tokens (`MLP_CHUNK_CAP_TOKENS_PER_HIDDEN`; 16K at hidden
+  4096). The paper's count is fixed, so its chunks grow with the sequence; from 64K tokens on (Llama-3-8B) the cap
+  adds chunks instead. With the checkpoints offloaded and the rest of the layer tiled (`minis.layer_tiling`), a
+  128K-token chunk of Llama-3-8B's MLP at 512K tokens would be the largest thing in the layer's backward (about
+  30 GiB); 16K-token chunks keep it under 4 GiB.
 
 The memory this gives up: below `4 * hidden_size` tokens a chunk holds up to `4 * hidden_size**2` elements of
 intermediate (Llama-3-8B: a 512-token LM-head chunk, about 0.6 GiB of bf16 and fp32 logits and fp32 softmax
@@ -53,7 +58,9 @@ import math
 from typing import Any
 
 __all__ = [
+    "BUDGET_FLOOR_TOKENS_PER_HIDDEN",
     "CONFIG_DEFAULTS",
+    "MLP_CHUNK_CAP_TOKENS_PER_HIDDEN",
     "ValidatedSetting",
     "automatic_chunk_count",
     "experts_chunking",
@@ -158,6 +165,8 @@ def _agree_on_chunk_count(local_count: int, device) -> int:
 
 # One chunk's intermediate is at most the hidden states of max(tokens, this many x hidden_size) tokens.
 BUDGET_FLOOR_TOKENS_PER_HIDDEN = 4
+# An MLP (or MoE experts) chunk holds at most this many x hidden_size tokens, however long the sequence.
+MLP_CHUNK_CAP_TOKENS_PER_HIDDEN = 4
 
 
 def automatic_chunk_count(tokens: int, width: int, hidden_size: int) -> int:
@@ -233,7 +242,11 @@ def _token_wise_chunking(config: Any, seq_len: int, rows: int, width: int, agree
         # At least 2 chunks (where long calls get 2 or more): one would run upstream's MLP, whose activations stay
         # alive until the backward without activation checkpointing. At most one per token of a row.
         at_least = min(2, math.ceil(width / hidden))
-        count = min(max(automatic_chunk_count(rows * seq_len, width, hidden), at_least), seq_len)
+        # And no chunk of more than MLP_CHUNK_CAP_TOKENS_PER_HIDDEN x hidden tokens (16K at hidden 4096): past that
+        # (64K tokens for Llama-3-8B) the paper's fixed count lets one chunk's intermediate grow with the sequence.
+        # (An MLP no wider than the hidden states is never chunked: its intermediate is not what chunking is for.)
+        cap = math.ceil(rows * seq_len / (MLP_CHUNK_CAP_TOKENS_PER_HIDDEN * hidden)) if width > hidden else 1
+        count = min(max(automatic_chunk_count(rows * seq_len, width, hidden), at_least, cap), seq_len)
     else:
         count = max(1, math.ceil(seq_len / chunk_size))
     return _chunking(count, chunk_size, agree_across_ranks, device)
