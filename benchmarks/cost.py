@@ -1,6 +1,6 @@
 """Step cost model: FLOPs, bytes moved, kernel launches and a roofline rate of one training step, minis vs upstream.
 
-No GPU needed. The step is the planner's (`minis.planner.simulate_step` / `run_training_step`): a model built on the
+No GPU needed. The step is the planner's (`minis.planner.simulate_step` / `minis.memory.run_training_step`): a model built on the
 meta device with fake parameters (`FakeTensorMode`: shapes and dtypes, no memory, no compute) runs one forward and
 backward on one unpadded batch, with the planner's undoing of transformers' tracing decisions (no seq x seq mask),
 so the ops are those of a real unpadded run. A `TorchDispatchMode` (`CostCounter`) sees every aten op the step
@@ -22,7 +22,7 @@ dispatches and counts:
   Every matmul runs at the one peak rate, whatever its dtype (the fp32 LoRA adapters, an fp32-output accumulation).
 
 Attention runs as the CUDA kernel that SDPA would pick (flash for an unpadded bf16 batch, via
-`minis.planner._sdpa_backend`), called as the aten op so that its FLOPs and its backward are counted; no seq x seq
+`minis.planner.cuda._sdpa_backend`), called as the aten op so that its FLOPs and its backward are counted; no seq x seq
 matrix exists. The optimizer step is not counted by default (`--optimizer none`): it is the same for upstream and
 minis (same parameters, same gradients), and the planner's AdamW is a model of a fused kernel's *memory*, whose
 sliced update would misstate a fused kernel's launches and traffic; `--optimizer adamw` counts it as modeled.

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fsdp", action="store_true", help="FSDP full sharding (modeled like ZeRO-3)")
     parser.add_argument("--world-size", type=_integer, default=1, help="number of GPUs")
     parser.add_argument("--offload-optimizer", action="store_true", help="optimizer state in CPU memory")
+    parser.add_argument("--sp-size", type=_integer, default=1,
+                        help="Ulysses sequence parallelism (DeepSpeed ALST): split each sequence over N GPUs of "
+                             "--world-size")
+    parser.add_argument("--cp-size", type=_integer, default=1,
+                        help="context parallelism (accelerate cp_size, with --fsdp): split each sequence over N GPUs "
+                             "of --world-size")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _VALUE_OPTIONS = ("--seq", "--gpu-mem", "--host-mem", "--granularity", "--lora-rank", "--lora-alpha", "--batch-size",
-                  "--zero-stage", "--world-size", "--every-n-layers")
+                  "--zero-stage", "--world-size", "--every-n-layers", "--sp-size", "--cp-size")
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
@@ -157,6 +163,8 @@ def _setup(args: argparse.Namespace) -> TrainingSetup:
         offload_optimizer=args.offload_optimizer,
         offload_activations=args.offload_activations,
         every_n_layers=args.every_n_layers,
+        sp_size=args.sp_size,
+        cp_size=args.cp_size,
     )
 
 

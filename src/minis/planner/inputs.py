@@ -76,6 +76,8 @@ class TrainingSetup:
     offload_optimizer: bool = False
     offload_activations: bool = False
     every_n_layers: int = 1
+    sp_size: int = 1  # Ulysses sequence parallelism (DeepSpeed ALST): the sequence split over this many GPUs
+    cp_size: int = 1  # context parallelism (accelerate + torch context_parallel, with FSDP2)
 
     def validate(self) -> None:
         """Raises PlanError naming the bad value and what is allowed."""
@@ -94,6 +96,18 @@ class TrainingSetup:
                             "(without checkpointing a layer keeps all its activations, not just its input)")
         if self.every_n_layers != 1 and not self.grad_ckpt:
             raise PlanError(f"--every-n-layers {self.every_n_layers} selects the checkpointed layers: add --grad-ckpt")
+        _positive("--sp-size", self.sp_size)
+        _positive("--cp-size", self.cp_size)
+        if self.sp_size > 1 and self.cp_size > 1:
+            raise PlanError(f"--sp-size {self.sp_size} with --cp-size {self.cp_size}: Ulysses sequence parallelism "
+                            "and context parallelism are two ways to split the sequence; choose one")
+        split = max(self.sp_size, self.cp_size)
+        if self.world_size % split:
+            raise PlanError(f"--world-size {self.world_size} is not a multiple of the sequence split {split}: the "
+                            "GPUs that share a sequence are part of the world (give --world-size N x split)")
+        if self.cp_size > 1 and not self.fsdp:
+            raise PlanError(f"--cp-size {self.cp_size} needs --fsdp: accelerate's context parallelism runs with "
+                            "FSDP2 (ParallelismConfig(cp_size=N) with dp_shard)")
         if self.zero_stage not in (0, 1, 2, 3) or isinstance(self.zero_stage, bool):
             raise PlanError(f"--zero-stage {self.zero_stage!r} is not allowed; choose 0, 1, 2 or 3")
         if self.fsdp and self.zero_stage != 0:
@@ -152,6 +166,10 @@ class TrainingSetup:
             parts.append(f"DDP x{self.world_size}")
         if self.offload_optimizer:
             parts.append("optimizer offloaded to CPU")
+        if self.sp_size > 1:
+            parts.append(f"Ulysses sequence parallel x{self.sp_size}")
+        if self.cp_size > 1:
+            parts.append(f"context parallel x{self.cp_size}")
         return ", ".join(parts)
 
 

@@ -138,6 +138,8 @@ class PeakEstimate:
     `components` splits `total`: parameters, gradients, optimizer_state (incl. the update's temporaries),
     activations (made in the forward and kept for the backward, plus the batch), temporaries (everything else
     live at the peak) and sharding_buffers (one FSDP/ZeRO unit's gathered parameters and unsharded gradients).
+    With the sequence split over GPUs (`sp_size`, `cp_size`), `seq_len` is the whole sequence, `local_seq_len` the
+    shard one GPU simulates, and `attention_exchange_bytes` (part of temporaries) the attention's exchange buffers.
     """
 
     seq_len: int
@@ -155,6 +157,8 @@ class PeakEstimate:
     seconds: float
     seq_by_seq_tensors: bool = False  # the step materializes (..., seq, seq) tensors: attention scores or a mask
     host_activation_bytes: int = 0  # the offloaded checkpoints' host buffers at their peak (pinned on a GPU)
+    local_seq_len: int | None = None  # tokens per GPU when the sequence is split (None: the whole sequence)
+    attention_exchange_bytes: int = 0  # Ulysses all-to-all / ring attention buffers, once per step's peak
 
     @property
     def host_bytes(self) -> int:
@@ -202,6 +206,21 @@ def predict_peak(model: Any, seq_len: int, setup: TrainingSetup | None = None, *
     config = load_model_config(model)
     check_attention(config, setup.attn)  # sdpa where the family has none is refused before any work
     started = time.perf_counter()
+    whole_seq_len, exchange = seq_len, None
+    if setup.sp_size > 1 or setup.cp_size > 1:
+        # Every rank runs the single-GPU step on its shard (minis.sequence_parallel explains why that is exact),
+        # plus the attention's exchange buffers, which live during one layer's attention.
+        from ..sequence_parallel import sequence_shard_memory
+
+        try:
+            exchange = sequence_shard_memory(
+                seq_len, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+                head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+                sp_size=setup.sp_size, cp_size=setup.cp_size, batch_size=setup.batch_size,
+                dtype_bytes=2 if setup.dtype == "bf16" else 4)
+        except ValueError as error:
+            raise PlanError(f"--seq {seq_len}: {error}") from None
+        seq_len = exchange.local_tokens
     num_layers = config.num_hidden_layers
     period = math.lcm(_layer_period(config), setup.every_n_layers if setup.grad_ckpt else 1)
     # With offloaded checkpoints the first two blocks can be special (a frozen embedding's output stays on the GPU,
@@ -248,6 +267,8 @@ def predict_peak(model: Any, seq_len: int, setup: TrainingSetup | None = None, *
         "temporaries": components["temporaries"],
         "sharding_buffers": sharding,
     }
+    if exchange is not None:
+        per_gpu["temporaries"] += exchange.attention_exchange_bytes
     per_gpu = {name: round(value) for name, value in per_gpu.items()}
     missing_layers = num_layers - last.num_layers
     trainable = info["trainable_params"] + missing_layers * _per_layer(timelines, "trainable_params")
@@ -257,7 +278,9 @@ def predict_peak(model: Any, seq_len: int, setup: TrainingSetup | None = None, *
         state_bytes = 2 if setup.optimizer == "adamw-bf16" else 4
         offloaded = int(2 * trainable * state_bytes / setup.world_size)
     return PeakEstimate(
-        seq_len=seq_len,
+        seq_len=whole_seq_len,
+        local_seq_len=None if exchange is None else seq_len,
+        attention_exchange_bytes=0 if exchange is None else exchange.attention_exchange_bytes,
         mini_sequence=mini_sequence,
         total=sum(per_gpu.values()),
         components=per_gpu,

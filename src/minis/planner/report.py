@@ -123,6 +123,9 @@ def format_report(report: Mapping[str, Any]) -> str:
             lines.append(f"  {COMPONENT_TITLES[name]:<22}{_gib(a):>14}{_gib(b):>14}{ratio:>16}")
         lines.append(f"  {'total peak':<22}{_gib(up['total']):>14}{_gib(ms['total']):>14}{part['ratio']:>16.2f}")
         lines.append(f"  peak during: upstream {up['phase_title']}; minis {ms['phase_title']}")
+        if ms.get("local_seq_len"):
+            lines.append(f"  sequence split over GPUs: {ms['local_seq_len']:,} tokens per GPU; the attention's exchange "
+                         f"buffers ({_gib(ms['attention_exchange_bytes'])}) are in the temporaries")
         for name, data in (("upstream", up), ("minis", ms)):
             temps = ", ".join(f"{what} {_gib(size)}" for what, size in
                               ((t["what"], t["bytes"]) for t in data["largest_temporaries"]))

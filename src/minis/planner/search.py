@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .inputs import TrainingSetup
@@ -11,7 +12,7 @@ __all__ = ["find_max_seq"]
 
 
 def find_max_seq(model: Any, gpu_mem: int, setup: TrainingSetup | None = None, *, mini_sequence: bool = True,
-                 granularity: int = 256, max_len: int = 1 << 22, attention_memory: str = "cuda",
+                 granularity: int = 256, max_len: int = 1 << 24, attention_memory: str = "cuda",
                  cache: dict | None = None) -> tuple[int, PeakEstimate | None]:
     """The longest sequence (a multiple of `granularity`) whose predicted peak fits in `gpu_mem` bytes.
 
@@ -23,6 +24,8 @@ def find_max_seq(model: Any, gpu_mem: int, setup: TrainingSetup | None = None, *
     """
     setup = setup or TrainingSetup()
     cache = {} if cache is None else cache
+    # A split sequence must shard evenly: Ulysses needs a multiple of sp_size, context parallelism of 2 x cp_size.
+    granularity = math.lcm(granularity, setup.sp_size, 2 * setup.cp_size if setup.cp_size > 1 else 1)
 
     def peak(units: int) -> PeakEstimate:
         key = (units * granularity, mini_sequence)
