@@ -5,6 +5,7 @@ import torch
 from helpers import relative_error, training_step
 
 import minis
+from minis.checkpoint_offload import enable_activation_checkpointing
 from minis.families import FAMILIES
 from minis.testing import FAMILY_NAMES, tiny_model
 
@@ -138,7 +139,7 @@ def test_gemma3_sliding_window_is_shorter_than_the_test_sequence():
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_gradient_checkpointing(family, use_reentrant):
     model = make_model(family)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_activation_checkpointing(model, {"use_reentrant": use_reentrant})
     if use_reentrant:
         model.enable_input_require_grads()
     assert_same_step(model, **random_batch())
@@ -352,7 +353,7 @@ def test_checkpointed_layers_run_the_mlp_forward_as_often_as_upstream(family):
     recompute must run the chunks: one extra chunked forward, and still the same gradients. (Phi-3 has no
     `gate_proj` to count: its fused `gate_up_proj` works the same way.)"""
     model = make_model(family, mini_sequence_chunk_size=10)  # 5 chunks of SEQ = 50
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model, {"use_reentrant": False})
     calls = []
     model.model.layers[0].mlp.gate_proj.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
     upstream, _ = training_step(model, False, **random_batch())

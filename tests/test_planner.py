@@ -41,9 +41,9 @@ GiB = 1 << 30
 
 def skip_without_every_n_layers(every_n_layers: int) -> None:
     """`every_n_layers` is transformers' own argument (`activation_checkpointing_enable`, 5.23 and later)."""
-    from transformers import PreTrainedModel
+    from minis.checkpoint_offload import has_activation_checkpointing_names
 
-    if every_n_layers > 1 and not hasattr(PreTrainedModel, "activation_checkpointing_enable"):
+    if every_n_layers > 1 and not has_activation_checkpointing_names():
         pytest.skip("--every-n-layers needs transformers >= 5.23 (activation_checkpointing_enable); this one lacks it")
 
 

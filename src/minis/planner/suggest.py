@@ -50,9 +50,9 @@ def candidate_setups(setup: TrainingSetup, *, selective: bool = True) -> list[tu
 
 def _selective_checkpointing_available() -> bool:
     """`every_n_layers` exists from transformers 5.23, with `activation_checkpointing_enable`."""
-    from transformers import PreTrainedModel
+    from ..checkpoint_offload import has_activation_checkpointing_names
 
-    return hasattr(PreTrainedModel, "activation_checkpointing_enable")
+    return has_activation_checkpointing_names()
 
 
 def suggest(model: Any, seq: int, gpu_mem: int | str, setup: TrainingSetup | None = None,
