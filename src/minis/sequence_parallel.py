@@ -40,6 +40,11 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _positive_ints(**values) -> None:
+    for name, value in values.items():
+        _positive_int(name, value)
+
+
 def local_sequence_length(seq_len: int, *, sp_size: int = 1, cp_size: int = 1) -> int:
     """Tokens each rank holds when `seq_len` tokens are split over `sp_size` (Ulysses) or `cp_size` (context
     parallel) ranks; at most one of them may exceed 1 (accelerate refuses both at once).
@@ -91,16 +96,8 @@ def ulysses_exchange_bytes(
     (`tests/test_sequence_parallel.py`), the real extra is at most this: from a quarter of it (no kv repetition, fewer
     copies alive at once) to nine tenths (kv heads repeated) in the shapes tested. 0 when `sp_size` is 1.
     """
-    for name, value in (
-        ("seq_len", seq_len),
-        ("sp_size", sp_size),
-        ("num_heads", num_heads),
-        ("num_kv_heads", num_kv_heads),
-        ("head_dim", head_dim),
-        ("batch_size", batch_size),
-        ("dtype_bytes", dtype_bytes),
-    ):
-        _positive_int(name, value)
+    _positive_ints(seq_len=seq_len, sp_size=sp_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                   head_dim=head_dim, batch_size=batch_size, dtype_bytes=dtype_bytes)
     if sp_size == 1:
         return 0
     if num_heads % sp_size:
@@ -141,16 +138,8 @@ def ring_attention_exchange_bytes(
     that is the figure returned. `num_kv_heads` is the heads the kernel receives: transformers repeats kv heads
     to `num_heads` before SDPA unless it uses SDPA's own grouped-query support. 0 when `cp_size` is 1.
     """
-    for name, value in (
-        ("seq_len", seq_len),
-        ("cp_size", cp_size),
-        ("num_heads", num_heads),
-        ("num_kv_heads", num_kv_heads),
-        ("head_dim", head_dim),
-        ("batch_size", batch_size),
-        ("dtype_bytes", dtype_bytes),
-    ):
-        _positive_int(name, value)
+    _positive_ints(seq_len=seq_len, cp_size=cp_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                   head_dim=head_dim, batch_size=batch_size, dtype_bytes=dtype_bytes)
     if rotate_method not in CP_ROTATE_METHODS:
         raise ValueError(f"rotate_method={rotate_method!r} is not one of {', '.join(CP_ROTATE_METHODS)}")
     if cp_size == 1:
