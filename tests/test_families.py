@@ -8,6 +8,7 @@ import torch
 
 import minis
 from minis import _hook, demo, integration, planner, testing
+from minis.demo import cli as demo_cli
 from minis.families import FAMILIES, FAMILY_NAMES, Family, family_of_module, get_family
 
 UNKNOWN_FAMILIES = ("gpt2", "opt", "olmoe")  # a MoE family minis does not patch stays upstream's too
@@ -81,7 +82,7 @@ def test_a_family_minis_does_not_know_stays_exactly_upstream(model_type):
 def test_the_demo_sizes_the_fields_its_family_ties_to_head_dim_and_sequence(family):
     args = demo.build_parser().parse_args(["--model-type", family, "--seq-len", "256", "--hidden-size", "64",
                                            "--heads", "4"])
-    overrides = demo._model_config_overrides(args, vocab_size=300)
+    overrides = demo_cli._model_config_overrides(args, vocab_size=300)
     if FAMILIES[family].scaled_fields:
         assert overrides["query_pre_attn_scalar"] == 16 and overrides["sliding_window"] == 128
     else:
