@@ -611,6 +611,21 @@ def markdown(results: Mapping[str, Any]) -> str:
             f"{ms['launches']:,.0f} | {up['seconds'] * 1e3:,.0f} | {ms['seconds'] * 1e3:,.0f} | "
             f"**{r['tokens_per_s']:.3f}** | {_target_text(row)} |"
         )
+    short = [row for row in results["rows"] if "short by" in _target_text(row)]
+    if short:
+        lines.append("")
+        lines += _paragraph(
+            "Targets not met: " + "; ".join(
+                f"{_seq_title(row['seq_len'])} {_method_title(row['method'], a['lora_rank'])} with GC "
+                f"({_target_text(row).split(': ')[1]})" for row in short) + ". "
+            "Why: with checkpointing minis runs exactly upstream's FLOPs (the MLP's backward recompute stops before "
+            "`down_proj`, and the LM head takes its gradients in the forward), so what is left is traffic and "
+            "launches. Each chunk adds a trainable weight's chunk gradient into an fp32 accumulator (a read-modify-"
+            "write of the whole weight per chunk: the MLP's 3 weights over its chunks, the LM head's 128256 x 4096 "
+            "over its chunks) and launches its kernels again. Fewer chunks at short lengths (the chunk policy) cut "
+            "both; what remains needs the weight gradient computed as one matmul that writes into the fp32 "
+            "accumulator (`addmm` with an fp32 output, which autograd's chunk-by-chunk gradients do not give), or "
+            "chunks large enough that memory no longer gains from them. From 64K tokens on the targets are met.")
     if results["breakdowns"]:
         lines.append("")
         lines += _paragraph(
