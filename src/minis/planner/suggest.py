@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from .. import config as minis_config
+from ..ops import chunk_bounds
 from .inputs import PlanError, TrainingSetup, _ordinal, load_model_config, parse_memory_size
 from .peak import predict_peak
 
@@ -87,14 +88,8 @@ def suggest(model: Any, seq: int, gpu_mem: int | str, setup: TrainingSetup | Non
     loss = minis_config.loss_chunking(config, tokens)
     return {"fits": fits, "name": name, "setup": candidate, "peak": estimate, "tried": tried, "seq": seq,
             "gpu_mem": gpu_mem, "host_mem": host_mem,
-            "chunks": {"mlp": None if mlp is None else _chunk_count(mlp, seq),
-                       "loss": None if loss is None else _chunk_count(loss, tokens)}}
-
-
-def _chunk_count(chunking: dict[str, int], tokens: int) -> int:
-    if "num_chunks" in chunking:
-        return min(chunking["num_chunks"], tokens)
-    return -(-tokens // chunking["chunk_size"])
+            "chunks": {"mlp": None if mlp is None else len(chunk_bounds(seq, **mlp)),
+                       "loss": None if loss is None else len(chunk_bounds(tokens, **loss))}}
 
 
 def _trainer_arguments(setup: TrainingSetup) -> list[str]:
