@@ -58,6 +58,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from minis.memory import LiveStorageTracker
+from minis.ops.weight_gradients import fused_fp32_output_simulated
 from minis.planner import PlanError, TrainingSetup, load_model_config, simulate_step
 from minis.planner.cuda import _sdpa_backend
 
@@ -363,7 +364,10 @@ class CostCounter(LiveStorageTracker):
         formula = self._flop_formulas[func]
         flops = 0.0
         if formula is not None:
-            flops = float(formula(*args, **kwargs, out_val=out))
+            # `mm.dtype`/`addmm.dtype_out` (fp32 output from bf16 operands) take the output dtype positionally,
+            # which the registry's formulas do not expect.
+            shape_args = [a for a in args if not isinstance(a, torch.dtype)]
+            flops = float(formula(*shape_args, **kwargs, out_val=out))
             if func in _CAUSAL_KERNELS and _is_causal(func, args, kwargs):
                 flops /= 2
         if nbytes == 0 and flops == 0:
@@ -423,7 +427,8 @@ def count_step(config, seq_len: int, setup: TrainingSetup, *, mini_sequence: boo
     if counter is None:
         counter = CostCounter(groups, roofline)
     counter.cost.tokens = seq_len * setup.batch_size
-    with cuda_attention_kernels():
+    # The step is CUDA's: its attention kernels, and chunked weight gradients summed by fp32-output matmuls.
+    with cuda_attention_kernels(), fused_fp32_output_simulated("cpu"):
         simulate_step(config, seq_len, setup, mini_sequence=mini_sequence, num_layers=num_layers,
                       attention_memory="native", tracker=counter)
     return counter.cost
@@ -531,6 +536,15 @@ def rate_target(method: str, grad_ckpt: bool, seq_len: int) -> float | None:
     return 0.98 if seq_len >= 65536 else 0.97
 
 
+def _launch_share_text(row: Mapping[str, Any], assumptions: Mapping[str, Any]) -> str:
+    """How much of the time minis adds in `row` is its extra kernel launches."""
+    up, ms = row["upstream"], row["minis"]
+    extra_ms = (ms["seconds"] - up["seconds"]) * 1e3
+    launches = ms["launches"] - up["launches"]
+    launch_ms = launches * assumptions["launch_us"] * 1e-3
+    return f"{launch_ms:,.0f} of the {extra_ms:,.0f} ms minis adds are its {launches:,.0f} extra launches"
+
+
 def _target_text(row: Mapping[str, Any]) -> str:
     target = rate_target(row["method"], row["grad_ckpt"], row["seq_len"])
     if target is None:
@@ -617,15 +631,17 @@ def markdown(results: Mapping[str, Any]) -> str:
         lines += _paragraph(
             "Targets not met: " + "; ".join(
                 f"{_seq_title(row['seq_len'])} {_method_title(row['method'], a['lora_rank'])} with GC "
-                f"({_target_text(row).split(': ')[1]})" for row in short) + ". "
+                f"({_target_text(row).split(': ')[1]}: {_launch_share_text(row, a)})" for row in short) + ". "
             "Why: with checkpointing minis runs exactly upstream's FLOPs (the MLP's backward recompute stops before "
-            "`down_proj`, and the LM head takes its gradients in the forward), so what is left is traffic and "
-            "launches. Each chunk adds a trainable weight's chunk gradient into an fp32 accumulator (a read-modify-"
-            "write of the whole weight per chunk: the MLP's 3 weights over its chunks, the LM head's 128256 x 4096 "
-            "over its chunks) and launches its kernels again. Fewer chunks at short lengths (the chunk policy) cut "
-            "both; what remains needs the weight gradient computed as one matmul that writes into the fp32 "
-            "accumulator (`addmm` with an fp32 output, which autograd's chunk-by-chunk gradients do not give), or "
-            "chunks large enough that memory no longer gains from them. From 64K tokens on the targets are met.")
+            "`down_proj`, and the LM head takes its gradients in the forward), and a trainable weight's gradient is "
+            "summed over the chunks inside its matmul (`minis.ops.weight_gradients`: fp32 output on CUDA), so what "
+            "is left is mostly the chunks' own kernel launches. With LoRA every chunk runs PEFT's adapter kernels "
+            "again (the cast to the fp32 adapters, two small matmuls, the scaling and the add, for each of the MLP's "
+            "three projections, in the forward, the recompute and the backward). Fewer MLP chunks would cut them but "
+            "hold more of the MLP's intermediate at once: the chunk policy keeps one chunk's intermediate within the "
+            "call's hidden states from 4 x hidden_size tokens on (4 chunks at 16K for Llama-3-8B), and larger chunks "
+            "at 16K would shorten the planner's longest Llama-2-7B full fine-tuning sequence (16K tokens, its peak in "
+            "the MLP's backward), which issue #8 does not allow.")
     if results["breakdowns"]:
         lines.append("")
         lines += _paragraph(

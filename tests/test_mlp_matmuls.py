@@ -32,8 +32,9 @@ class MlpMatmulCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         packet = func.overloadpacket
-        if packet in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm):
-            left, right = (args[1], args[2]) if packet in (aten.addmm, aten.baddbmm) else (args[0], args[1])
+        if packet in (aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten.baddbmm_):
+            accumulating = packet in (aten.addmm, aten.addmm_, aten.baddbmm, aten.baddbmm_)
+            left, right = (args[1], args[2]) if accumulating else (args[0], args[1])
             if self.mlp_widths & {*left.shape, *right.shape}:
                 batch = left.shape[0] if left.dim() == 3 else 1
                 self.flops += 2 * batch * left.shape[-2] * left.shape[-1] * right.shape[-1]

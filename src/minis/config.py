@@ -29,7 +29,7 @@ chunk's intermediate may hold the hidden states of `max(n, 4 * hidden_size)` tok
 - Shorter calls keep the budget of a `4 * hidden_size`-token call: fewer, larger chunks, each holding at least
   half of `4 * hidden_size**2 / width` tokens (Llama-3-8B's LM head at 8K tokens: 16 chunks of 512, where the
   paper's count ran 32 of 256). Each chunk costs work sized by the weight, not by the chunk: kernel launches,
-  reading the weight, adding a trainable weight's gradient into an fp32 accumulator.
+  reading the weight, summing a trainable weight's gradient (`minis.ops.weight_gradients`).
 - A call whose whole intermediate fits the budget is one chunk; the loss then still runs minis' way (no logits).
 - The MLP runs at least 2 chunks (unless `intermediate_size <= hidden_size` or the row has one token): minis runs
   a one-chunk MLP as upstream's code, which without activation checkpointing keeps four `(tokens, intermediate)`

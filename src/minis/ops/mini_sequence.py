@@ -21,7 +21,8 @@ the real parameter ever sees a partial, per-chunk gradient.
 
 Why fp32 accumulation: summing per-chunk bf16 gradients in bf16 rounds once per chunk. The per-chunk gradients are
 summed in fp32 and rounded to the parameter's dtype once, which keeps the result within bf16 rounding of the
-unchunked gradient.
+unchunked gradient. Trainable `nn.Linear` weights add their chunk gradients to the fp32 sum inside the matmul that
+computes them (`weight_gradients`), not through autograd and a separate add.
 
 Where the chunks run twice in full instead: DeepSpeed ZeRO-3 (its module hooks gather parameters, so the backward
 recomputes each chunk on the real parameters), functorch transforms, a `create_graph` backward (it needs
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from .rng_replay import DropoutMask, DropoutReplay, RngSnapshot, UnreplayableRandomOpError
+from .weight_gradients import WeightGradientSums, linears_summing_weight_gradients
 from .zero3 import gather_until_accumulated, gathered_while_applied, is_zero3_parameter
 
 __all__ = ["chunk_bounds", "mini_sequence_apply"]
@@ -245,16 +247,36 @@ class _ChunkedRun:
         self.kept: list[_KeptChunk] | None = None
         self.aliases: list[torch.Tensor] = []  # the parameters' stand-ins in the kept graphs
         self.anchor: torch.Tensor | None = None  # what `autograd.grad` asks for to get the input's gradient
+        # Trainable linears sum their weight gradients inside the matmul (`weight_gradients`); set by
+        # `mini_sequence_apply` where that applies. The kept graphs' sums are made in the forward.
+        self.sum_weight_gradients = False
+        self.kept_weight_sums: WeightGradientSums | None = None
 
     def chunk_inputs(self, x: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
         return [t.narrow(self.seq_dim, start, stop - start) for t in (x, *self.extras)]
 
-    def run_chunk(self, chunk_inputs: list[torch.Tensor], start: int, stop: int, draw: bool) -> torch.Tensor:
+    def run_chunk(
+        self,
+        chunk_inputs: list[torch.Tensor],
+        start: int,
+        stop: int,
+        draw: bool,
+        weight_sums: WeightGradientSums | None = None,
+    ) -> torch.Tensor:
+        """Runs `fn` on one chunk; with `weight_sums`, trainable linears put their weight gradients there."""
         def snapshot() -> None:
             self.rng_snapshot = RngSnapshot(chunk_inputs[0].device)
 
-        with DropoutReplay(self.dropout_masks, self.seq_len, start, stop, draw=draw, on_first_draw=snapshot):
+        summing = (
+            linears_summing_weight_gradients(self.slots, weight_sums)
+            if weight_sums is not None
+            else contextlib.nullcontext()
+        )
+        with summing, DropoutReplay(self.dropout_masks, self.seq_len, start, stop, draw=draw, on_first_draw=snapshot):
             return self.fn(*chunk_inputs)
+
+    def new_weight_sums(self) -> WeightGradientSums | None:
+        return WeightGradientSums(len(self.slots)) if self.sum_weight_gradients else None
 
     def forward(self, x: torch.Tensor, params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Runs every chunk; `params`, when given, stand in for the module's parameters (functorch passes
@@ -304,6 +326,7 @@ class _ChunkedRun:
         self.aliases = [param.detach().requires_grad_(param.requires_grad) for param in params]
         self.anchor = x.new_empty(0).requires_grad_() if needs_x else None
         self.kept = []
+        self.kept_weight_sums = self.new_weight_sums()
         outputs = []
         with _parameters_swapped(self.slots, self.aliases), torch.enable_grad():
             for index, (start, stop) in enumerate(self.bounds):
@@ -311,7 +334,9 @@ class _ChunkedRun:
                 inputs = self.chunk_inputs(x, start, stop)
                 with torch.autograd.graph.saved_tensors_hooks(chunk.store.drop, chunk.store.saved):
                     first = _ChunkInput.apply(self.anchor, inputs[0], chunk.input_grad) if needs_x else inputs[0]
-                    output = self.run_chunk([first, *inputs[1:]], start, stop, draw=(index == 0))
+                    output = self.run_chunk(
+                        [first, *inputs[1:]], start, stop, draw=(index == 0), weight_sums=self.kept_weight_sums
+                    )
                     if output.requires_grad:
                         chunk.root = _ChunkOutput.apply(output, chunk.output_grad)
                 self.kept.append(chunk)
@@ -339,7 +364,9 @@ class _ChunkedRun:
                 x_leaf = inputs[0].detach().requires_grad_(needs_x)
                 x_chunk = x_leaf.view_as(x_leaf) if needs_x else x_leaf
                 with torch.autograd.graph.saved_tensors_hooks(store.refill, _never_unpacked):
-                    self.run_chunk([x_chunk, *inputs[1:]], chunk.start, chunk.stop, draw=False)
+                    self.run_chunk(
+                        [x_chunk, *inputs[1:]], chunk.start, chunk.stop, draw=False, weight_sums=self.kept_weight_sums
+                    )
         except _RecomputeDone:
             pass
         store.check_refilled()
@@ -451,6 +478,7 @@ def _gradients_over_chunks(
     """
     grad_x = torch.zeros_like(x) if needs_x else None
     accumulators: list[torch.Tensor | None] = [None] * len(run.slots)
+    weight_sums = run.new_weight_sums()
     total = None
     for index, (start, stop) in enumerate(run.bounds):
         inputs = run.chunk_inputs(x, start, stop)
@@ -469,7 +497,9 @@ def _gradients_over_chunks(
             aliases = [param.detach().requires_grad_(needed) for (_, _, param), needed in zip(run.slots, param_needs)]
             swapped = _parameters_swapped(run.slots, aliases)
         with swapped:
-            output = run.run_chunk([x_chunk, *inputs[1:]], start, stop, draw=drawing and index == 0)
+            output = run.run_chunk(
+                [x_chunk, *inputs[1:]], start, stop, draw=drawing and index == 0, weight_sums=weight_sums
+            )
         if grad_output is None:
             total = output.detach() if total is None else total + output.detach()
         wanted = ([x_leaf] if needs_x else []) + [a for a, needed in zip(aliases, param_needs) if needed]
@@ -485,7 +515,7 @@ def _gradients_over_chunks(
             grad_x.narrow(run.seq_dim, start, stop - start).copy_(chunk_grad_x)
         _accumulate(accumulators, chunk_param_grads)
         del output, grads, chunk_grad_x, chunk_param_grads
-    return total, grad_x, accumulators
+    return total, grad_x, _with_weight_sums(accumulators, weight_sums)
 
 
 def _chunkwise_backward(ctx, run: _ChunkedRun, x: torch.Tensor, grad_output: torch.Tensor) -> list:
@@ -527,7 +557,8 @@ def _kept_graph_backward(
         _accumulate(accumulators, chunk_param_grads)
         chunk.root = chunk.store = chunk.input_grad = chunk.output_grad = None
         del grads, chunk_param_grads
-    run.aliases, run.anchor = [], None
+    accumulators = _with_weight_sums(accumulators, run.kept_weight_sums)
+    run.aliases, run.anchor, run.kept_weight_sums = [], None, None
     return [grad_x, *_rounded(accumulators, run)]
 
 
@@ -540,6 +571,22 @@ def _accumulate(accumulators: list[torch.Tensor | None], chunk_param_grads: Sequ
             accumulators[slot] = grad.to(_accumulation_dtype(grad.dtype))
         else:
             accumulators[slot].add_(grad)
+
+
+def _with_weight_sums(
+    accumulators: list[torch.Tensor | None], weight_sums: WeightGradientSums | None
+) -> list[torch.Tensor | None]:
+    """The accumulators with the linears' weight-gradient sums added in (a weight the chunk function also used
+    outside its linear has both)."""
+    if weight_sums is None:
+        return accumulators
+    merged = []
+    for acc, summed in zip(accumulators, weight_sums.sums):
+        if summed is None or acc is None:
+            merged.append(summed if acc is None else acc)
+        else:
+            merged.append(acc.add_(summed))
+    return merged
 
 
 def _rounded(accumulators: Sequence[torch.Tensor | None], run: _ChunkedRun) -> list[torch.Tensor | None]:
@@ -671,6 +718,9 @@ def mini_sequence_apply(
         return run.forward(x)
     plain_autograd = not run.zero3 and torch._C._functorch.peek_interpreter_stack() is None
     run.gradients_in_forward = gradients_in_forward and plain_autograd
+    autocast_state = _autocast_state(x.device.type)
+    # Under autocast, fp32 weights are cast per call; the weight-gradient linear would redo those casts per chunk.
+    run.sum_weight_gradients = plain_autograd and not autocast_state["enabled"]
     # Kept graphs need saved-tensor hooks, which some contexts disable.
     run.keep_graphs = (
         not gradients_in_forward
@@ -681,4 +731,4 @@ def mini_sequence_apply(
     if x.requires_grad:
         x = _SaveInput.apply(run, x)
     with gathered_while_applied(params, run.zero3):
-        return _MiniSequenceFunction.apply(run, _autocast_state(x.device.type), x, *params)
+        return _MiniSequenceFunction.apply(run, autocast_state, x, *params)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..ops.weight_gradients import fused_fp32_output_simulated
+
 # The attention function registered for --attn flash (a name containing "flash" makes transformers import flash-attn).
 _FLASH_NAME = "minis_plan_fa2_memory"
 
@@ -100,8 +102,9 @@ def _real_run_decisions(attention_memory: str) -> Iterator[None]:
     - transformers treats fake tensors as tracing: it then skips its packed-sequence check and builds a full
       seq x seq mask that an unpadded SDPA run never builds. The simulated batch is one unpadded sequence per row
       (position ids 0..seq-1), for which the real check finds no packing; it answers so here.
-    - `attention_memory="cuda"` replaces `F.scaled_dot_product_attention` by `_cuda_sdpa`; "native" keeps the
-      kernels of the simulated device (the CPU), for validation against the CPU allocator.
+    - `attention_memory="cuda"` replaces `F.scaled_dot_product_attention` by `_cuda_sdpa`, and lets chunked
+      weight gradients take CUDA's fp32-output matmuls (`minis.ops.weight_gradients`); "native" keeps the kernels
+      of the simulated device (the CPU), for validation against the CPU allocator.
     """
     from transformers import AttentionInterface, masking_utils
 
@@ -109,10 +112,13 @@ def _real_run_decisions(attention_memory: str) -> Iterator[None]:
     find_packed = masking_utils.find_packed_sequence_indices
     sdpa = torch.nn.functional.scaled_dot_product_attention
     masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    fused_matmuls = contextlib.nullcontext()
     if attention_memory == "cuda":
         torch.nn.functional.scaled_dot_product_attention = _cuda_sdpa
+        fused_matmuls = fused_fp32_output_simulated("cpu")
     try:
-        yield
+        with fused_matmuls:
+            yield
     finally:
         masking_utils.find_packed_sequence_indices = find_packed
         torch.nn.functional.scaled_dot_product_attention = sdpa
