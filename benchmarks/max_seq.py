@@ -180,6 +180,22 @@ def plots(results) -> list[str]:
     return written
 
 
+def full_fine_tuning_state_text(presets) -> str:
+    """What weights + gradients + AdamW moments (12 bytes per parameter in pure bf16) take for each preset."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minis.planner import load_model_config
+
+    parts = []
+    for preset in presets:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(load_model_config(preset))
+        parameters = sum(p.numel() for p in model.parameters())
+        parts.append(f"{preset} {12 * parameters / 2**30:.0f} GiB")
+    return ", ".join(parts)
+
+
 def write_doc(results, images) -> None:
     with open(os.path.join(HERE, "benchmarks_template.md"), encoding="utf-8") as handle:
         template = handle.read()
@@ -189,6 +205,8 @@ def write_doc(results, images) -> None:
             .replace("{{PLOTS}}", pictures)
             .replace("{{GPU_MEM}}", results["gpu_mem"])
             .replace("{{GRANULARITY}}", str(results["granularity"]))
+            .replace("{{FULL_FT_STATE}}", full_fine_tuning_state_text(
+                dict.fromkeys(r["preset"] for r in results["max_seq"])))
             .replace("{{RUNTIME}}", f"{minutes:.0f} minutes with {results['jobs']} worker processes"))
     text = text.rstrip("\n") + "\n" + _step_cost_section()
     with open(DOC, "w", encoding="utf-8") as handle:
