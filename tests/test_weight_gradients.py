@@ -206,3 +206,22 @@ def test_a_linear_with_an_instance_forward_is_left_alone():
     expected = unchunked_gradients(mlp, x)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_linear_output_modified_in_place_gets_the_right_gradients():
+    """The caller may change a linear's output in place (`mul_`); the weight's gradient is the matmul result's."""
+    mlp = make_mlp(torch.float32)
+
+    def forward(x):
+        hidden = mlp.gate_proj(x)
+        hidden.mul_(0.5)
+        return mlp.down_proj(nn.functional.silu(hidden) * mlp.up_proj(x))
+
+    x = torch.randn(1, TOKENS, HIDDEN, requires_grad=True)
+    mini_sequence_mlp(forward, x, module=mlp, num_chunks=CHUNKS).square().sum().backward()
+    chunked = [x.grad, *(p.grad for p in mlp.parameters())]
+    mlp.zero_grad(set_to_none=True)
+    x.grad = None
+    forward(x).square().sum().backward()
+    for got, expected in zip(chunked, [x.grad, *(p.grad for p in mlp.parameters())]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

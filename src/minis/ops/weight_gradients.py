@@ -110,12 +110,16 @@ def _disable_fused(error: BaseException) -> None:
 
 
 class _GradientBox:
-    """Hands the linear's output gradient from `_EmitOutputGradient` to `_CaptureLinearInput`; holds no graph."""
+    """Hands the linear's output gradient (caught by a hook on the output) to `_CaptureLinearInput`; holds no
+    graph."""
 
     __slots__ = ("grad_output",)
 
     def __init__(self) -> None:
         self.grad_output: torch.Tensor | None = None
+
+    def catch(self, grad_output: torch.Tensor) -> None:
+        self.grad_output = grad_output
 
 
 class _CaptureLinearInput(torch.autograd.Function):
@@ -144,20 +148,6 @@ class _CaptureLinearInput(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
-class _EmitOutputGradient(torch.autograd.Function):
-    """Identity on the linear's output that puts its gradient in `box` for `_CaptureLinearInput`."""
-
-    @staticmethod
-    def forward(ctx, output, box: _GradientBox):
-        ctx.box = box
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        ctx.box.grad_output = grad_output
-        return grad_output, None
-
-
 def _summing_forward(linear: nn.Linear, sums: WeightGradientSums, slot: int):
     def forward(x: torch.Tensor) -> torch.Tensor:
         weight = linear.weight
@@ -165,9 +155,12 @@ def _summing_forward(linear: nn.Linear, sums: WeightGradientSums, slot: int):
             return nn.functional.linear(x, weight, linear.bias)
         box = _GradientBox()
         captured = _CaptureLinearInput.apply(x, weight, sums, slot, box)
-        # The matmul sees a detached weight: autograd takes only the input's gradient through it.
+        # The matmul sees a detached weight: autograd takes only the input's (and bias') gradient through it. The
+        # output stays autograd's own tensor (no custom-function view), so callers may modify it in place; a hook
+        # registered before any such change receives the gradient of the matmul's result.
         output = nn.functional.linear(captured, weight.detach(), linear.bias)
-        return _EmitOutputGradient.apply(output, box)
+        output.register_hook(box.catch)
+        return output
 
     return forward
 
