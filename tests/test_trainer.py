@@ -173,3 +173,20 @@ def test_packing_with_data_collator_with_flattening(tmp_path):
     on = train(tmp_path, minis_on=True, collator=collator, model_overrides={"attn_implementation": "sdpa"})
     off = train(tmp_path, minis_on=False, collator=collator, model_overrides={"attn_implementation": "sdpa"})
     assert_same_training(on, off)
+
+
+def test_torch_compile_trains_like_upstream(tmp_path):
+    """`torch_compile=True` (aot_eager: traced, nothing compiled to machine code): while Dynamo traces, minis' modules
+    run upstream's code (one warning), so the compiled run trains exactly like the compiled minis-off run."""
+    from minis import _warn
+
+    torch._dynamo.reset()
+    _warn._warned.discard("torch-compile")
+    compile_args = {"torch_compile": True, "torch_compile_backend": "aot_eager", "max_steps": 2}
+    with pytest.warns(RuntimeWarning, match="torch.compile is tracing"):
+        _, losses_on, weights_on, _ = train(tmp_path, minis_on=True, **compile_args)
+    torch._dynamo.reset()
+    _, losses_off, weights_off, _ = train(tmp_path, minis_on=False, **compile_args)
+    assert len(losses_on) == len(losses_off) > 0
+    torch.testing.assert_close(torch.tensor(losses_on), torch.tensor(losses_off), rtol=LOSS_RTOL, atol=0)
+    assert max_relative_difference(weights_on, weights_off) < WEIGHT_RTOL
