@@ -71,7 +71,9 @@ class WeightGradientSums:
     def __init__(self, num_slots: int) -> None:
         self.sums: list[torch.Tensor | None] = [None] * num_slots
 
-    def add_product(self, slot: int, grad_output: torch.Tensor, inputs: torch.Tensor, weight_dtype: torch.dtype) -> None:
+    def add_product(
+        self, slot: int, grad_output: torch.Tensor, inputs: torch.Tensor, weight_dtype: torch.dtype
+    ) -> None:
         """Adds `grad_output^T @ inputs` (2-D, tokens first) to the sum of `slot`."""
         current = self.sums[slot]
         narrow = weight_dtype.is_floating_point and torch.finfo(weight_dtype).bits < 32
@@ -104,7 +106,8 @@ def _disable_fused(error: BaseException) -> None:
     warn_once(
         "fused-weight-gradient",
         f"minis: torch.addmm(..., out_dtype=torch.float32) failed ({error}); chunked weight gradients are summed "
-        "with a separate add from now on (the same numbers, more memory traffic)",
+        "with a separate add from now on (each chunk's gradient rounded to the weight's dtype first, as autograd's "
+        "are; more memory traffic)",
     )
     _fused_failed = True
 
