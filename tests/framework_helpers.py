@@ -13,7 +13,7 @@ import socket
 import pytest
 import torch
 
-from helpers import REPO_ROOT, max_relative_difference  # noqa: F401  (re-exported)
+from helpers import REPO_ROOT
 
 TOKENIZER_VOCAB = 320  # byte-level BPE: 256 bytes, 3 special tokens and a few merges
 

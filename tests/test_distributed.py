@@ -24,7 +24,8 @@ import sys
 
 import pytest
 import torch
-from framework_helpers import REPO_ROOT, free_port, kill_process_groups, launch_ranks, max_relative_difference
+from framework_helpers import free_port, kill_process_groups, launch_ranks
+from helpers import REPO_ROOT, max_relative_difference
 
 WORKER = os.path.join(REPO_ROOT, "tests", "distributed_worker.py")
 WEIGHT_RTOL = 1e-5

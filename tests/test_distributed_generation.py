@@ -13,7 +13,8 @@ import pytest
 import torch
 import sys
 
-from framework_helpers import REPO_ROOT, launch_ranks
+from framework_helpers import launch_ranks
+from helpers import REPO_ROOT
 
 WORKER = os.path.join(REPO_ROOT, "tests", "generation_worker.py")
 

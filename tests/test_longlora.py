@@ -15,7 +15,8 @@ import subprocess
 import sys
 
 import pytest
-from framework_helpers import REPO_ROOT, model, tokenizer
+from framework_helpers import model, tokenizer
+from helpers import REPO_ROOT
 
 SCRIPT = os.path.join(REPO_ROOT, "examples", "longlora", "fine-tune.py")
 

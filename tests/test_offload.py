@@ -542,7 +542,7 @@ def train_with_trainer(tmp_path, minis_on: bool, **args):
 
 @pytest.mark.slow
 def test_trainer_with_offload_matches_upstream(tmp_path):
-    from framework_helpers import max_relative_difference
+    from helpers import max_relative_difference
 
     # Upstream's own offload needs an accelerator (`pin_memory=True`), so the reference runs without it.
     _, losses_off, weights_off = train_with_trainer(tmp_path, False)
@@ -591,7 +591,8 @@ def test_deprecated_gradient_checkpointing_aliases_still_offload(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2", pytest.param("zero3", marks=pytest.mark.slow)])
 def test_data_parallel_with_offload_matches_one_process(tmp_path, engine):
-    from framework_helpers import REPO_ROOT, launch_ranks, max_relative_difference
+    from framework_helpers import launch_ranks
+    from helpers import REPO_ROOT, max_relative_difference
 
     if engine == "zero3":
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed; `DS_BUILD_OPS=0 pip install deepspeed`")

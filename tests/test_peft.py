@@ -23,11 +23,11 @@ import pytest
 import torch
 from framework_helpers import (
     chunking_spy,
-    max_relative_difference,
     model,
     pad_collator,
     token_dataset,
 )
+from helpers import max_relative_difference
 
 from minis.checkpoint_offload import enable_activation_checkpointing
 from minis.families import FAMILY_NAMES

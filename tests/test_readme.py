@@ -5,7 +5,8 @@ import re
 import warnings
 
 import torch
-from framework_helpers import REPO_ROOT, TOKENIZER_VOCAB, model, tokenizer
+from framework_helpers import TOKENIZER_VOCAB, model, tokenizer
+from helpers import REPO_ROOT
 
 
 def readme_snippet() -> str:

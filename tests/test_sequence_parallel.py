@@ -23,7 +23,8 @@ import sys
 
 import pytest
 import torch
-from framework_helpers import REPO_ROOT, launch_ranks, max_relative_difference
+from framework_helpers import launch_ranks
+from helpers import REPO_ROOT, max_relative_difference
 
 WORKER = os.path.join(REPO_ROOT, "tests", "sequence_parallel_worker.py")
 WEIGHT_RTOL = 1e-5

@@ -25,11 +25,11 @@ import torch
 from framework_helpers import (
     chunking_spy,
     comparison_args,
-    max_relative_difference,
     model,
     pad_collator,
     token_dataset,
 )
+from helpers import max_relative_difference
 
 from minis.checkpoint_offload import activation_checkpointing_arguments
 from minis.families import FAMILY_NAMES

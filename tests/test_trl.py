@@ -23,14 +23,13 @@ import warnings
 import pytest
 import torch
 from framework_helpers import (
-    REPO_ROOT,
     chunking_spy,
     comparison_args,
     corpus_paragraphs,
-    max_relative_difference,
     model,
     tokenizer,
 )
+from helpers import REPO_ROOT, max_relative_difference
 
 pytest.importorskip("trl")
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -13,7 +13,8 @@ import os
 import sys
 
 import pytest
-from framework_helpers import REPO_ROOT, launch_ranks, max_relative_difference
+from framework_helpers import launch_ranks
+from helpers import REPO_ROOT, max_relative_difference
 
 WORKER = os.path.join(REPO_ROOT, "tests", "zero_offload_worker.py")
 CONFIGS = os.path.join(REPO_ROOT, "examples", "offload")
