@@ -136,6 +136,20 @@ def table(results) -> str:
     return "\n".join(rows)
 
 
+def checkpointed_gains_text(results) -> str:
+    """Per preset, the range of minis' gain (longest sequence, minis / upstream) over its checkpointed setups."""
+    index = {(r["preset"], r["setup"], _label(r), r["minis"]): r["max_seq"] for r in results["max_seq"]}
+    parts = []
+    for preset in dict.fromkeys(r["preset"] for r in results["max_seq"]):
+        gains = [index[(preset, name, "yes", True)] / index[(preset, name, "yes", False)]
+                 for name in results["setups"]
+                 if index.get((preset, name, "yes", False)) and index.get((preset, name, "yes", True))]
+        if gains:
+            low, high = min(gains), max(gains)
+            parts.append(f"{preset} {low:.1f}x" if f"{low:.1f}" == f"{high:.1f}" else f"{preset} {low:.1f}-{high:.1f}x")
+    return ", ".join(parts)
+
+
 def plots(results) -> list[str]:
     import matplotlib
 
@@ -205,6 +219,7 @@ def write_doc(results, images) -> None:
             .replace("{{PLOTS}}", pictures)
             .replace("{{GPU_MEM}}", results["gpu_mem"])
             .replace("{{GRANULARITY}}", str(results["granularity"]))
+            .replace("{{CHECKPOINTED_GAINS}}", checkpointed_gains_text(results))
             .replace("{{FULL_FT_STATE}}", full_fine_tuning_state_text(
                 dict.fromkeys(r["preset"] for r in results["max_seq"])))
             .replace("{{RUNTIME}}", f"{minutes:.0f} minutes with {results['jobs']} worker processes"))
