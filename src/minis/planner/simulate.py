@@ -99,7 +99,7 @@ def build_model(config, setup: TrainingSetup, *, fake_mode=None, device: str | N
     if fake_mode is not None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, **kwargs)
-        # transformers 5.0 skips tying the embeddings of a model built on the meta device (5.2x ties them); a real
+        # transformers 5.0.0 skips tying the embeddings of a model built on the meta device (5.24 ties them); a real
         # model, built or loaded, has them tied as its config says, so the simulated one must too.
         model.tie_weights()
     else:
