@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: a fresh interpreter, relative errors, one minis-on/off training step.
+"""Helpers shared by the tests: a fresh interpreter, relative errors, a random batch, one minis-on/off training step.
 
 The framework tests' own needs (tokenizer, datasets, spies, launching ranks) are in `framework_helpers`.
 """
@@ -6,6 +6,8 @@ The framework tests' own needs (tokenizer, datasets, spies, launching ranks) are
 import os
 import subprocess
 import sys
+
+import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +41,12 @@ def max_relative_difference(actual: dict, expected: dict) -> float:
             error = relative_error(actual[key], reference)
         worst = max(worst, error)
     return worst
+
+
+def random_token_batch(*, seq: int, batch_size: int = 2, vocab: int = 257, seed: int = 0) -> dict:
+    """Seeded random token ids from 3 up (past the special tokens), with labels equal to them."""
+    input_ids = torch.randint(3, vocab, (batch_size, seq), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
 def training_step(model, minis_on: bool, **batch):

@@ -10,10 +10,11 @@ chunk, or a wrong dropout mask, changes them by far more).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
-from helpers import relative_error
+from helpers import random_token_batch, relative_error
 
 import minis
 import minis.ops
@@ -72,10 +73,7 @@ def lora_model(family, lora_dropout=0.1, **overrides):
     return get_peft_model(net, lora).train()
 
 
-def random_batch(batch_size=2, seq=SEQ, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, 257, (batch_size, seq), generator=generator)
-    return {"input_ids": input_ids, "labels": input_ids.clone()}
+random_batch = functools.partial(random_token_batch, seq=SEQ)
 
 
 def config_of(model):

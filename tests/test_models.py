@@ -1,8 +1,10 @@
 """Every family: loss, logits and every parameter gradient equal with minis on and off (same model, same weights)."""
 
+import functools
+
 import pytest
 import torch
-from helpers import relative_error, training_step
+from helpers import random_token_batch, relative_error, training_step
 
 import minis
 from minis.checkpoint_offload import enable_activation_checkpointing
@@ -33,10 +35,7 @@ def assert_same_step(model, tolerance=1e-5, **batch):
     return upstream, chunked
 
 
-def random_batch(batch_size=2, seq=SEQ, vocab=257, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, vocab, (batch_size, seq), generator=generator)
-    return {"input_ids": input_ids, "labels": input_ids.clone()}
+random_batch = functools.partial(random_token_batch, seq=SEQ)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -5,9 +5,11 @@ run with `output_router_logits=True`, where the loss includes the auxiliary loss
 and one `router_logits` tensor per MoE layer, all of which must equal upstream's (computed over all tokens).
 """
 
+import functools
+
 import pytest
 import torch
-from helpers import relative_error, training_step
+from helpers import random_token_batch, relative_error, training_step
 
 import minis
 from minis import _warn
@@ -30,9 +32,7 @@ def make_model(family, **overrides):
     return tiny_model(family, **overrides).train()
 
 
-def random_batch(batch_size=2, seq=SEQ, vocab=257, seed=0):
-    input_ids = torch.randint(3, vocab, (batch_size, seq), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": input_ids, "labels": input_ids.clone()}
+random_batch = functools.partial(random_token_batch, seq=SEQ)
 
 
 def moe_layers(model):

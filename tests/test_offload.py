@@ -18,6 +18,7 @@ one rank (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set by the test).
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import sys
@@ -26,7 +27,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import relative_error
+from helpers import random_token_batch, relative_error
 
 from minis import _warn
 from minis.checkpoint_offload import (
@@ -62,9 +63,7 @@ def make_model(family, **overrides):
     return tiny_model(family, **overrides).train()
 
 
-def random_batch(batch_size=2, seq=SEQ, vocab=257, seed=0):
-    ids = torch.randint(3, vocab, (batch_size, seq), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "labels": ids.clone()}
+random_batch = functools.partial(random_token_batch, seq=SEQ)
 
 
 def loss_and_grads(model, batch, seed=1234):
